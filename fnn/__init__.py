@@ -1,0 +1,52 @@
+"""fnn: a functional neural-network library for JAX.
+
+A layer is a pair of pure functions, ``init(key, input_shape) -> (output_shape,
+params)`` and ``apply(params, x, *, key=None) -> y``; params are nested dicts of
+arrays. ``import fnn`` is all a script needs.
+"""
+
+from fnn.combinators import (
+    fan_in_concat,
+    fan_in_sum,
+    fan_out,
+    named,
+    parallel,
+    residual,
+    serial,
+)
+from fnn.core import Layer, ShapeError, describe, fail, make_layer
+from fnn.layers.dense import Dense, Embed
+from fnn.layers.reshape import Flatten, Identity, Reshape
+from fnn.state import StatefulModel, with_state
+from fnn.summary import count_params, summary
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # core
+    "Layer",
+    "ShapeError",
+    "describe",
+    "fail",
+    "make_layer",
+    # combinators
+    "fan_in_concat",
+    "fan_in_sum",
+    "fan_out",
+    "named",
+    "parallel",
+    "residual",
+    "serial",
+    # state
+    "StatefulModel",
+    "with_state",
+    # layers
+    "Dense",
+    "Embed",
+    "Flatten",
+    "Identity",
+    "Reshape",
+    # summary
+    "count_params",
+    "summary",
+]

@@ -1,0 +1,131 @@
+"""Dense and Embed: the layers that hold a weight matrix."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.nn import initializers
+
+from fnn.core import Layer, check_shape, fail, make_layer, signature
+
+
+def Dense(
+    features: int,
+    *,
+    w_init: initializers.Initializer = initializers.lecun_normal(),
+    b_init: initializers.Initializer = initializers.zeros,
+    use_bias: bool = True,
+    dtype: jnp.dtype = jnp.float32,
+) -> Layer:
+    """A fully connected layer, ``y = x @ w + b``, on the last axis.
+
+    Leading dimensions, whatever they are, pass through: an input of shape
+    ``(batch, time, in_features)`` gives ``(batch, time, features)``.
+
+    Args:
+      features: the size of the output's last axis.
+      w_init: initializer for ``w``, shape ``(in_features, features)``. The
+        default, LeCun normal (variance ``1 / in_features``), keeps the scale of
+        activations through a stack of layers, as in Flax.
+      b_init: initializer for ``b``, shape ``(features,)``; zeros by default.
+      use_bias: whether to add ``b``; without it params are ``{'w': ...}``.
+      dtype: the params' dtype.
+
+    Returns:
+      The layer; params ``{'w': (in_features, features), 'b': (features,)}``.
+
+    Raises:
+      ValueError: for a non-positive ``features``.
+      ShapeError: at init or apply, for an input whose last dimension is unknown
+        or differs from ``in_features``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, fnn
+      >>> layer = fnn.Dense(3)
+      >>> shape, params = layer.init(jax.random.key(0), (-1, 5, 4))
+      >>> shape, params["w"].shape, params["b"].shape
+      ((-1, 5, 3), (4, 3), (3,))
+      >>> layer.apply(params, jnp.ones((2, 5, 4))).shape
+      (2, 5, 3)
+    """
+    if not isinstance(features, int) or features < 1:
+        raise ValueError(
+            f"Dense: expected a positive number of features, got {features!r}."
+        )
+    desc = signature("Dense", features=features)
+
+    def init_fn(key, input_shape):
+        shape = check_shape(desc, input_shape)
+        if shape[-1] == -1:
+            fail(desc, f"the last dimension of the input must be known, got {shape!r}.")
+        k_w, k_b = jax.random.split(key)
+        params = {"w": w_init(k_w, (shape[-1], features), dtype)}
+        if use_bias:
+            params["b"] = b_init(k_b, (features,), dtype)
+        return shape[:-1] + (features,), params
+
+    def apply_fn(params, x, **kwargs):
+        w = params["w"]
+        if jnp.ndim(x) < 1 or jnp.shape(x)[-1] != w.shape[0]:
+            fail(
+                desc,
+                f"expected input with last dimension {w.shape[0]}, "
+                f"got shape {tuple(jnp.shape(x))!r}.",
+            )
+        y = jnp.matmul(x, w)
+        return y + params["b"] if use_bias else y
+
+    return make_layer("dense", desc, init_fn, apply_fn)
+
+
+def Embed(
+    vocab_size: int,
+    features: int,
+    *,
+    init: initializers.Initializer = initializers.normal(stddev=1.0),
+    dtype: jnp.dtype = jnp.float32,
+) -> Layer:
+    """Turns integer token ids into vectors: row ``i`` of a table for token ``i``.
+
+    Args:
+      vocab_size: the number of tokens; ids run from 0 to ``vocab_size - 1``.
+      features: the length of each vector.
+      init: initializer for the table, shape ``(vocab_size, features)``;
+        standard normal by default (as Flax), so embeddings start at unit scale.
+      dtype: the table's dtype.
+
+    Returns:
+      The layer; params ``{'table': (vocab_size, features)}``. Input ids of shape
+      ``(...)`` give ``(..., features)``. An id outside ``[0, vocab_size)`` gives a
+      row of NaN, so a bad id is loud (the training loop stops on a NaN loss)
+      instead of silently reading another token's vector.
+
+    Raises:
+      ValueError: for non-positive sizes.
+      ShapeError: at apply, for ids that are not integers.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, fnn
+      >>> layer = fnn.Embed(10, 4)
+      >>> shape, params = layer.init(jax.random.key(0), (-1, 7))
+      >>> shape
+      (-1, 7, 4)
+      >>> layer.apply(params, jnp.zeros((2, 7), jnp.int32)).shape
+      (2, 7, 4)
+    """
+    for name, v in (("vocab_size", vocab_size), ("features", features)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"Embed: expected a positive {name}, got {v!r}.")
+    desc = signature("Embed", vocab_size=vocab_size, features=features)
+
+    def init_fn(key, input_shape):
+        shape = check_shape(desc, input_shape, min_rank=0)
+        return shape + (features,), {"table": init(key, (vocab_size, features), dtype)}
+
+    def apply_fn(params, ids, **kwargs):
+        ids = jnp.asarray(ids)
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            fail(desc, f"expected integer token ids, got dtype {ids.dtype}.")
+        return jnp.take(params["table"], ids, axis=0, mode="fill", fill_value=jnp.nan)
+
+    return make_layer("embed", desc, init_fn, apply_fn)
