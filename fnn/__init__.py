@@ -5,6 +5,7 @@ params)`` and ``apply(params, x, *, key=None) -> y``; params are nested dicts of
 arrays. ``import fnn`` is all a script needs.
 """
 
+from fnn.checkpoint import Checkpointer
 from fnn.combinators import (
     fan_in_concat,
     fan_in_sum,
@@ -23,6 +24,8 @@ from fnn.summary import count_params, summary
 __version__ = "0.1.0"
 
 __all__ = [
+    # checkpoint
+    "Checkpointer",
     # core
     "Layer",
     "ShapeError",
