@@ -194,7 +194,8 @@ def child_scope(key: str, place: str) -> Iterator[None]:
     except ShapeError:
         raise
     except Exception as e:
-        if not any(str(n).startswith("fnn: raised in") for n in e.__notes__ or []):
+        notes = getattr(e, "__notes__", [])
+        if not any(str(n).startswith("fnn: raised in") for n in notes):
             keys = "".join(f"[{k!r}]" for k in current_keys())
             e.add_note(f"fnn: raised in the layer at {current_place()} (params {keys})")
         raise
@@ -318,3 +319,100 @@ def check_input(
             f"expected {what} with trailing dimensions {tuple(expected)!r}, "
             f"got shape {tuple(shape)!r}.",
         )
+
+
+def expand_left(a: jax.Array, ndim: int) -> jax.Array:
+    """``a`` reshaped to rank ``ndim`` by adding leading axes of size 1.
+
+    Broadcasting a bias ``(features,)`` against ``(batch, features)`` this way is
+    explicit, so fnn runs under ``jax_numpy_rank_promotion="raise"``.
+
+    Examples:
+      >>> import jax.numpy as jnp, fnn.core
+      >>> fnn.core.expand_left(jnp.ones(3), 3).shape
+      (1, 1, 3)
+    """
+    return a.reshape((1,) * (ndim - a.ndim) + a.shape)
+
+
+# --- windows (convolution, pooling) and the train/eval switch -----------------
+
+
+def window_tuple(owner: str, name: str, value: Any, n: int) -> tuple[int, ...]:
+    """Normalises a per-spatial-dimension option (strides, dilation) to ``n`` ints.
+
+    An int means the same value for every spatial dimension; a sequence must
+    have exactly ``n`` positive ints.
+
+    Raises:
+      ValueError: naming ``owner`` and ``name`` otherwise.
+
+    Examples:
+      >>> from fnn.core import window_tuple
+      >>> window_tuple("Conv", "strides", 2, 3)
+      (2, 2, 2)
+      >>> window_tuple("Conv", "strides", (1, 2), 2)
+      (1, 2)
+    """
+    items = (value,) * n if isinstance(value, int) else value
+    try:
+        items = tuple(items)
+    except TypeError:
+        items = ()
+    if len(items) != n or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in items
+    ):
+        raise ValueError(
+            f"{owner}: expected {name} to be a positive int or a tuple of {n} "
+            f"positive ints, got {value!r}."
+        )
+    return items
+
+
+def window_padding(owner: str, padding: Any, n: int) -> str | tuple[tuple[int, int]]:
+    """Normalises ``padding``: ``"SAME"``, ``"VALID"`` or ``n`` ``(low, high)`` pairs.
+
+    Raises:
+      ValueError: naming ``owner`` for anything else.
+
+    Examples:
+      >>> from fnn.core import window_padding
+      >>> window_padding("Conv", "same", 2)
+      'SAME'
+      >>> window_padding("Conv", [(1, 1), (0, 2)], 2)
+      ((1, 1), (0, 2))
+    """
+    if isinstance(padding, str):
+        if padding.upper() in ("SAME", "VALID"):
+            return padding.upper()
+    else:
+        try:
+            pairs = tuple(tuple(p) for p in padding)
+        except TypeError:
+            pairs = ()
+        if len(pairs) == n and all(
+            len(p) == 2 and all(isinstance(v, int) and v >= 0 for v in p) for p in pairs
+        ):
+            return pairs
+    raise ValueError(
+        f"{owner}: expected padding 'SAME', 'VALID' or {n} (low, high) pairs of "
+        f"non-negative ints, got {padding!r}."
+    )
+
+
+def is_training(key: jax.Array | None, train: bool | None) -> bool:
+    """The train/eval switch shared by Dropout and BatchNorm.
+
+    ``train`` (an apply keyword) decides when given; otherwise a layer trains
+    when it is given a ``key``. So passing a key turns on training behaviour
+    everywhere in a network, and ``train=False`` turns it off.
+
+    Examples:
+      >>> import jax
+      >>> from fnn.core import is_training
+      >>> is_training(None, None), is_training(jax.random.key(0), None)
+      (False, True)
+      >>> is_training(jax.random.key(0), False)
+      False
+    """
+    return key is not None if train is None else bool(train)

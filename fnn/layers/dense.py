@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jax.nn import initializers
 
-from fnn.core import Layer, check_shape, fail, make_layer, signature
+from fnn.core import Layer, check_shape, expand_left, fail, make_layer, signature
 
 
 def Dense(
@@ -73,7 +73,7 @@ def Dense(
                 f"got shape {tuple(jnp.shape(x))!r}.",
             )
         y = jnp.matmul(x, w)
-        return y + params["b"] if use_bias else y
+        return y + expand_left(params["b"], y.ndim) if use_bias else y
 
     return make_layer("dense", desc, init_fn, apply_fn)
 

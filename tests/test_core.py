@@ -1,0 +1,303 @@
+"""The core: Dense, Embed, reshaping layers, combinators, named, summary, state."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fnn
+from suite import check_layer_properties
+
+RTOL_F32 = 1e-6
+ATOL_F32 = 1e-6
+
+
+@pytest.mark.parametrize(
+    ("layer", "shape"),
+    [
+        (fnn.Dense(3), (-1, 4)),
+        (fnn.Dense(3, use_bias=False), (-1, 5, 4)),
+        (fnn.Flatten(), (-1, 2, 3)),
+        (fnn.Reshape((3, 2)), (-1, 6)),
+        (fnn.Identity(), (-1, 3)),
+        (fnn.serial(fnn.Dense(4), fnn.Dense(2)), (-1, 3)),
+        (fnn.parallel(fnn.Dense(2), fnn.Identity()), ((-1, 3), (-1, 2))),
+        (fnn.serial(fnn.fan_out(2), fnn.fan_in_sum()), (-1, 3)),
+        (fnn.serial(fnn.fan_out(2), fnn.fan_in_concat()), (-1, 3)),
+        (fnn.serial(fnn.fan_out(2), fnn.fan_in_concat(axis=1)), (-1, 3, 2)),
+        (fnn.residual(fnn.Dense(3)), (-1, 3)),
+        (fnn.named("x", fnn.Dense(2)), (-1, 3)),
+    ],
+    ids=lambda v: repr(v) if isinstance(v, fnn.Layer) else None,
+)
+def test_property_suite(layer, shape):
+    check_layer_properties(layer, shape)
+
+
+def test_embed_property_suite():
+    def ids(key, shape):
+        return jax.random.randint(key, shape, 0, 7)
+
+    check_layer_properties(fnn.Embed(7, 3), (-1, 5), make_input=ids)
+
+
+def test_dense_matches_numpy():
+    layer = fnn.Dense(3)
+    _, params = layer.init(jax.random.key(1), (-1, 4))
+    x = np.random.default_rng(0).normal(size=(2, 5, 4)).astype(np.float32)
+    want = x @ np.asarray(params["w"]) + np.asarray(params["b"])
+    got = layer.apply(params, x)
+    np.testing.assert_allclose(got, want, rtol=RTOL_F32, atol=ATOL_F32)
+
+
+def test_embed_looks_up_rows_and_bad_ids_are_nan():
+    layer = fnn.Embed(4, 2)
+    _, params = layer.init(jax.random.key(0), (-1,))
+    table = np.asarray(params["table"])
+    got = layer.apply(params, jnp.array([3, 0, 4]))
+    np.testing.assert_array_equal(got[:2], table[[3, 0]])
+    assert np.isnan(np.asarray(got[2])).all()
+
+
+def test_embed_rejects_float_ids():
+    layer = fnn.Embed(4, 2)
+    _, params = layer.init(jax.random.key(0), (-1,))
+    with pytest.raises(
+        fnn.ShapeError, match=r"Embed\(.*\): expected integer token ids"
+    ):
+        layer.apply(params, jnp.ones(3))
+
+
+def test_no_nonlinearity_collapses_to_one_linear_map():
+    net = fnn.serial(fnn.Dense(5), fnn.Dense(3), fnn.Dense(2))
+    _, p = net.init(jax.random.key(0), (-1, 4))
+    w = p["0_dense"]["w"] @ p["1_dense"]["w"] @ p["2_dense"]["w"]
+    b = (p["0_dense"]["b"] @ p["1_dense"]["w"] + p["1_dense"]["b"]) @ p["2_dense"][
+        "w"
+    ] + p["2_dense"]["b"]
+    x = jax.random.normal(jax.random.key(1), (6, 4))
+    np.testing.assert_allclose(net.apply(p, x), x @ w + b[None], rtol=1e-5, atol=1e-5)
+
+
+def test_params_paths_read_like_the_network():
+    net = fnn.serial(
+        fnn.named("encoder", fnn.serial(fnn.Dense(4), fnn.Dense(4))),
+        fnn.residual(fnn.Dense(4)),
+        fnn.Dense(2),
+    )
+    _, params = net.init(jax.random.key(0), (-1, 3))
+    paths = [
+        jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)
+    ]
+    assert paths == [
+        "['1_residual']['dense']['b']",
+        "['1_residual']['dense']['w']",
+        "['2_dense']['b']",
+        "['2_dense']['w']",
+        "['encoder']['0_dense']['b']",
+        "['encoder']['0_dense']['w']",
+        "['encoder']['1_dense']['b']",
+        "['encoder']['1_dense']['w']",
+    ]
+
+
+def test_named_rejects_duplicates():
+    with pytest.raises(ValueError, match=r"names must be unique, got \['a'\]"):
+        fnn.serial(fnn.named("a", fnn.Dense(2)), fnn.named("a", fnn.Dense(2)))
+
+
+def test_serial_rejects_uncalled_constructor():
+    with pytest.raises(TypeError, match="did you forget to call it"):
+        fnn.serial(fnn.Dense)
+
+
+def test_init_error_names_layer_place_and_shapes():
+    net = fnn.serial(fnn.Flatten(), fnn.Dense(10), fnn.Reshape((7,)))
+    with pytest.raises(
+        fnn.ShapeError,
+        match=r"^Reshape\(\(7,\)\) at serial\[2\]: expected an input with 7 elements "
+        r"per example, got shape \(-1, 10\)\.$",
+    ):
+        net.init(jax.random.key(0), (-1, 4, 4))
+
+
+def test_apply_error_names_layer_place_and_shapes_under_jit():
+    net = fnn.serial(fnn.Dense(8), fnn.serial(fnn.Dense(4), fnn.Dense(2)))
+    _, params = net.init(jax.random.key(0), (-1, 3))
+    with pytest.raises(
+        fnn.ShapeError,
+        match=r"^Dense\(features=8\) at serial\[0\]: expected input with last "
+        r"dimension 3, got shape \(2, 5\)\.",
+    ):
+        jax.jit(net.apply)(params, jnp.ones((2, 5)))
+    params["1_serial"]["1_dense"]["w"] = jnp.ones((5, 2))
+    with pytest.raises(fnn.ShapeError, match=r"at serial\[1\]\.serial\[1\]"):
+        net.apply(params, jnp.ones((2, 3)))
+
+
+def test_foreign_errors_get_a_note_with_the_place():
+    def init(key, shape):
+        return shape, {}
+
+    def apply(params, x, **kwargs):
+        raise TypeError("boom")
+
+    net = fnn.serial(fnn.Identity(), fnn.serial(fnn.Layer(init, apply)))
+    _, params = net.init(None, (-1, 2))
+    with pytest.raises(TypeError, match="boom") as info:
+        net.apply(params, jnp.ones((1, 2)))
+    notes = info.value.__notes__
+    assert notes == [
+        "fnn: raised in the layer at serial[1].serial[0] (params ['1_serial']['0_layer'])"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("layer", "shape", "message"),
+    [
+        (
+            fnn.fan_in_sum(),
+            ((-1, 3), (-1, 4)),
+            r"fan_in_sum\(\): branch 0 has shape \(-1, 3\) but branch 1 has \(-1, 4\)",
+        ),
+        (
+            fnn.fan_in_concat(),
+            ((-1, 3, 2), (-1, 4, 2)),
+            r"branch 0 has shape \(-1, 3, 2\) but branch 1 has \(-1, 4, 2\)",
+        ),
+        (
+            fnn.parallel(fnn.Dense(2), fnn.Dense(2)),
+            ((-1, 3),),
+            r"parallel\(2 layers\): expected 2 inputs, got 1",
+        ),
+        (
+            fnn.residual(fnn.Dense(5)),
+            (-1, 3),
+            r"residual\(Dense\(features=5\)\): the inner layer maps shape \(-1, 3\) to "
+            r"\(-1, 5\)",
+        ),
+        (fnn.Dense(2), (-1, -1), r"last dimension of the input must be known"),
+        (fnn.Dense(2), ((-1, 2), (-1, 2)), r"expected one input shape"),
+        (fnn.Flatten(), (-1, -1, 2), r"only the batch dimension may be unknown"),
+    ],
+)
+def test_init_errors(layer, shape, message):
+    with pytest.raises(fnn.ShapeError, match=message):
+        layer.init(jax.random.key(0), shape)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: fnn.Dense(0),
+        lambda: fnn.Embed(0, 3),
+        lambda: fnn.Reshape((0,)),
+        lambda: fnn.fan_out(0),
+        lambda: fnn.named("", fnn.Dense(1)),
+    ],
+)
+def test_constructor_argument_errors(make):
+    with pytest.raises(ValueError, match="expected (a|positive)"):
+        make()
+
+
+def test_fan_in_concat_shapes():
+    layer = fnn.fan_in_concat(axis=1)
+    shape, _ = layer.init(None, ((-1, 3, 2), (-1, 4, 2)))
+    assert shape == (-1, 7, 2)
+    y = layer.apply({}, (jnp.ones((2, 3, 2)), jnp.zeros((2, 4, 2))))
+    chex.assert_shape(y, (2, 7, 2))
+
+
+def test_rng_keys_differ_per_child_and_none_stays_none():
+    seen = []
+
+    def init(key, shape):
+        return shape, {}
+
+    def apply(params, x, *, key=None, **kwargs):
+        seen.append(key)
+        return x
+
+    probe = fnn.Layer(init, apply)
+    net = fnn.serial(probe, probe)
+    net.apply({"0_layer": {}, "1_layer": {}}, jnp.ones(2))
+    assert seen == [None, None]
+    seen.clear()
+    net.apply({"0_layer": {}, "1_layer": {}}, jnp.ones(2), key=jax.random.key(0))
+    a, b = (jax.random.key_data(k) for k in seen)
+    assert not np.array_equal(a, b)
+
+
+def test_kwargs_reach_every_child():
+    seen = []
+
+    def init(key, shape):
+        return shape, {}
+
+    def apply(params, x, *, flag=None, **kwargs):
+        seen.append(flag)
+        return x
+
+    probe = fnn.Layer(init, apply)
+    fnn.serial(probe, fnn.parallel(probe)).apply(
+        {"0_layer": {}, "1_parallel": {"0_layer": {}}}, (jnp.ones(1),), flag=3
+    )
+    assert seen == [3, 3]
+
+
+def test_summary_counts_equal_leaf_sizes():
+    net = fnn.serial(fnn.Dense(8), fnn.serial(fnn.Dense(4), fnn.Embed(3, 2)))
+    text = fnn.summary(net, (-1, 3))
+    _, params = net.init(jax.random.key(0), (-1, 3))
+    total = sum(leaf.size for leaf in jax.tree.leaves(params))
+    assert text.splitlines()[-1].split() == ["total", str(total)]
+    rows = {line.split()[0]: line.split()[-1] for line in text.splitlines()[1:-1]}
+    assert rows["serial[0]"] == str(params["0_dense"]["w"].size + 8)
+    assert rows["serial[1].serial[1]"] == str(
+        params["1_serial"]["1_embed"]["table"].size
+    )
+    assert fnn.count_params(params) == total
+
+
+def _counter():
+    """A toy stateful layer: counts how often it was applied."""
+
+    def init(key, shape):
+        fnn.state.declare_state("Counter()", jnp.zeros((), jnp.int32))
+        return shape, {}
+
+    def apply(params, x, **kwargs):
+        n = fnn.state.read_state("Counter()")
+        fnn.state.write_state("Counter()", n + 1)
+        return x
+
+    return fnn.make_layer("counter", "Counter()", init, apply)
+
+
+def test_state_threads_through_serial_with_paths_like_params():
+    net = fnn.serial(fnn.Dense(2), fnn.serial(_counter()), _counter())
+    model = fnn.with_state(net)
+    _, params, state = model.init(jax.random.key(0), (-1, 3))
+    assert jax.tree.map(int, state) == {"1_serial": {"0_counter": 0}, "2_counter": 0}
+    step = jax.jit(model.apply)
+    for _ in range(3):
+        _, state = step(params, state, jnp.ones((1, 3)))
+    assert jax.tree.map(int, state) == {"1_serial": {"0_counter": 3}, "2_counter": 3}
+
+
+def test_stateful_layer_without_with_state_explains():
+    net = fnn.serial(fnn.Dense(2), _counter())
+    _, params = net.init(jax.random.key(0), (-1, 3))
+    with pytest.raises(
+        fnn.ShapeError, match=r"Counter\(\) at serial\[1\]: .*fnn.with_state"
+    ):
+        net.apply(params, jnp.ones((1, 3)))
+
+
+def test_stateless_network_never_sees_state():
+    net = fnn.serial(fnn.Dense(2), fnn.Dense(1))
+    out = net.init(jax.random.key(0), (-1, 3))
+    assert len(out) == 2
+    assert net.apply(out[1], jnp.ones((1, 3))).shape == (1, 1)
