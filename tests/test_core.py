@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import fnn
+
 from suite import check_layer_properties
 
 RTOL_F32 = 1e-6
@@ -149,7 +150,8 @@ def test_foreign_errors_get_a_note_with_the_place():
         net.apply(params, jnp.ones((1, 2)))
     notes = info.value.__notes__
     assert notes == [
-        "fnn: raised in the layer at serial[1].serial[0] (params ['1_serial']['0_layer'])"
+        "fnn: raised in the layer at serial[1].serial[0] "
+        "(params ['1_serial']['0_layer'])"
     ]
 
 
