@@ -5,6 +5,32 @@ params)`` and ``apply(params, x, *, key=None) -> y``; params are nested dicts of
 arrays. ``import fnn`` is all a script needs.
 """
 
+from fnn import losses
+from fnn.activations import (
+    Elu,
+    Gelu,
+    HardTanh,
+    LeakyRelu,
+    LogSoftmax,
+    Relu,
+    Sigmoid,
+    Softmax,
+    Softplus,
+    Swish,
+    Tanh,
+    elementwise,
+    elu,
+    gelu,
+    hard_tanh,
+    leaky_relu,
+    log_softmax,
+    relu,
+    sigmoid,
+    softmax,
+    softplus,
+    swish,
+    tanh,
+)
 from fnn.checkpoint import Checkpointer
 from fnn.combinators import (
     fan_in_concat,
@@ -18,6 +44,7 @@ from fnn.combinators import (
 from fnn.core import Layer, ShapeError, describe, fail, make_layer
 from fnn.layers.dense import Dense, Embed
 from fnn.layers.reshape import Flatten, Identity, Reshape
+from fnn.losses import accuracy, argmax, correct, one_hot, predict
 from fnn.state import StatefulModel, with_state
 from fnn.summary import count_params, summary
 
@@ -52,4 +79,35 @@ __all__ = [
     # summary
     "count_params",
     "summary",
+    # activations
+    "Elu",
+    "Gelu",
+    "HardTanh",
+    "LeakyRelu",
+    "LogSoftmax",
+    "Relu",
+    "Sigmoid",
+    "Softmax",
+    "Softplus",
+    "Swish",
+    "Tanh",
+    "elementwise",
+    "elu",
+    "gelu",
+    "hard_tanh",
+    "leaky_relu",
+    "log_softmax",
+    "relu",
+    "sigmoid",
+    "softmax",
+    "softplus",
+    "swish",
+    "tanh",
+    # losses and prediction
+    "losses",
+    "accuracy",
+    "argmax",
+    "correct",
+    "one_hot",
+    "predict",
 ]
