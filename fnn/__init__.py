@@ -5,7 +5,7 @@ params)`` and ``apply(params, x, *, key=None) -> y``; params are nested dicts of
 arrays. ``import fnn`` is all a script needs.
 """
 
-from fnn import losses
+from fnn import data, losses
 from fnn.activations import (
     Elu,
     Gelu,
@@ -47,6 +47,14 @@ from fnn.layers.reshape import Flatten, Identity, Reshape
 from fnn.losses import accuracy, argmax, correct, one_hot, predict
 from fnn.state import StatefulModel, with_state
 from fnn.summary import count_params, summary
+from fnn.train import (
+    GradSums,
+    TrainState,
+    accumulate_gradients,
+    evaluate,
+    make_eval_step,
+    make_train_step,
+)
 
 __version__ = "0.1.0"
 
@@ -110,4 +118,12 @@ __all__ = [
     "correct",
     "one_hot",
     "predict",
+    # train and data
+    "GradSums",
+    "TrainState",
+    "accumulate_gradients",
+    "data",
+    "evaluate",
+    "make_eval_step",
+    "make_train_step",
 ]

@@ -1,0 +1,508 @@
+"""The training step: a train state, gradient accumulation by ``lax.scan``, eval.
+
+A loss function returns a *sum* and a *weight* (the number of valid examples or
+tokens), optionally with a dict of summed metrics::
+
+    loss_fn(params, batch, key) -> (loss_sum, weight)
+    loss_fn(params, batch, key) -> (loss_sum, weight, aux)        # aux: sums
+    loss_fn(params, state, batch, key) -> (out, new_state)        # has_state
+
+The step adds gradient sums and weights over microbatches in one ``lax.scan``
+and divides once at the end, so masked and uneven microbatches give exactly the
+gradient of the whole batch (a mean of per-microbatch means does not).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+LossFn = Callable[..., Any]
+Metrics = dict[str, jax.Array]
+
+
+class TrainState(NamedTuple):
+    """Everything a training step reads and writes, as one pytree.
+
+    Attributes:
+      step: int32 scalar array, the number of steps taken.
+      params: the model's params (nested dicts of arrays).
+      opt_state: the optax optimizer's state.
+      state: the model's running state (BatchNorm statistics); ``{}`` when the
+        model has none.
+      key: a ``jax.random.key``; each step splits it, so it advances every step.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, fnn
+      >>> params = {"w": jnp.zeros(3)}
+      >>> ts = fnn.TrainState.create(params, optax.sgd(0.1), key=jax.random.key(0))
+      >>> int(ts.step), ts.state
+      (0, {})
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    state: Any
+    key: jax.Array
+
+    @classmethod
+    def create(
+        cls,
+        params: Any,
+        optimizer: optax.GradientTransformation,
+        *,
+        key: jax.Array,
+        state: Any = None,
+    ) -> TrainState:
+        """A train state at step 0.
+
+        Args:
+          params: the model's params.
+          optimizer: any optax ``GradientTransformation``; its state is
+            ``optimizer.init(params)``.
+          key: a ``jax.random.key`` (a typed key; a raw ``PRNGKey`` is converted).
+          state: the model's running state, or ``None`` for ``{}``.
+
+        Returns:
+          The :class:`TrainState`. It holds ``params`` itself, not a copy, and a
+          donating step frees its buffers: pass ``jax.tree.map(jnp.copy,
+          params)`` to keep using the originals.
+
+        Examples:
+          >>> import jax, jax.numpy as jnp, optax, fnn
+          >>> ts = fnn.TrainState.create(
+          ...     {"w": jnp.ones(2)}, optax.adam(1e-3), key=jax.random.key(1)
+          ... )
+          >>> ts.step.dtype
+          dtype('int32')
+        """
+        if not jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
+            key = jax.random.wrap_key_data(key)
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=optimizer.init(params),
+            state={} if state is None else state,
+            key=key,
+        )
+
+
+class GradSums(NamedTuple):
+    """What :func:`accumulate_gradients` returns: sums, not yet divided.
+
+    Attributes:
+      grad_sum: the gradient of the summed loss, a params-shaped tree (float32
+        for bf16/f16 params, else the params' dtype).
+      weight: the total weight (float scalar).
+      aux_sum: the summed metrics, a dict (``{}`` when the loss has none).
+      loss_sum: the summed loss (float scalar).
+      state: the model state after the last microbatch.
+    """
+
+    grad_sum: Any
+    weight: jax.Array
+    aux_sum: dict[str, jax.Array]
+    loss_sum: jax.Array
+    state: Any
+
+
+def _unpack(out: Any) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    if not isinstance(out, tuple) or len(out) not in (2, 3):
+        raise TypeError(
+            "loss_fn must return (loss_sum, weight) or (loss_sum, weight, aux), "
+            f"got {type(out).__name__}; e.g. return fnn.losses.sum_and_weight(...)."
+        )
+    loss_sum, weight, aux = out if len(out) == 3 else (*out, {})
+    if not isinstance(aux, dict):
+        raise TypeError(f"loss_fn's aux must be a dict, got {type(aux).__name__}.")
+    if jnp.ndim(loss_sum) or jnp.ndim(weight):
+        raise TypeError(
+            "loss_fn must return a scalar loss sum and a scalar weight, got shapes "
+            f"{jnp.shape(loss_sum)!r} and {jnp.shape(weight)!r}."
+        )
+    return jnp.asarray(loss_sum), jnp.asarray(weight), aux
+
+
+def _acc_dtype(dtype: Any) -> Any:
+    """The accumulator dtype: bf16/f16 sums go to float32, integer counts to the
+    default float (float64 under ``jax.enable_x64``), float32/64 stay."""
+    if not jnp.issubdtype(dtype, jnp.floating):
+        return jax.dtypes.canonicalize_dtype(jnp.float64)
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def leading_size(batch: Any, what: str = "batch") -> int:
+    """The shared leading size of all leaves of ``batch``.
+
+    Raises:
+      ValueError: if ``batch`` has no leaves, a leaf is a scalar, or the leaves'
+        leading sizes differ (the message lists each leaf's path and size).
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(batch)
+    if not leaves:
+        raise ValueError(f"the {what} has no arrays.")
+    sizes = {}
+    for path, x in leaves:
+        if jnp.ndim(x) == 0:
+            raise ValueError(
+                f"every {what} leaf needs a leading axis, got a scalar at "
+                f"{jax.tree_util.keystr(path) or 'the root'}."
+            )
+        sizes[jax.tree_util.keystr(path)] = jnp.shape(x)[0]
+    if len(set(sizes.values())) > 1:
+        raise ValueError(
+            f"all {what} leaves must share the leading size, got {sizes!r}."
+        )
+    return next(iter(sizes.values()))
+
+
+def accumulate_gradients(
+    loss_fn: LossFn,
+    params: Any,
+    state: Any,
+    batch: Any,
+    key: jax.Array | None,
+    *,
+    accum_steps: int = 1,
+    has_state: bool = False,
+) -> GradSums:
+    """Sums the gradient of ``loss_fn`` over microbatches with one ``lax.scan``.
+
+    Microbatch ``j`` holds rows ``j, j + k, j + 2k, ...`` of every batch leaf
+    (``k = accum_steps``): the leaf is viewed as ``(B // k, k, ...)`` and the
+    scan takes index ``j`` of the second axis, which is the same as swapping
+    the first two axes and scanning over the first, without a transposed copy.
+    A batch sharded over devices along its leading axis therefore stays local.
+    Microbatch ``j`` gets the key ``jax.random.fold_in(key, j)`` (also for
+    ``k = 1``), and sees the model state written by microbatch ``j - 1``.
+
+    Nothing is divided here: the caller divides ``grad_sum`` by ``weight``
+    once, after any cross-device sum. Compile time and memory do not grow with
+    ``accum_steps``.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch, key) -> (loss_sum, weight[, aux])``, or
+        with ``has_state``, ``loss_fn(params, state, batch, key) -> (out,
+        new_state)``.
+      params: the params to differentiate.
+      state: the model state (ignored and returned unchanged without
+        ``has_state``).
+      batch: a pytree of arrays sharing the leading size ``B``.
+      key: a ``jax.random.key`` or ``None`` (then every microbatch gets ``None``).
+      accum_steps: the number of microbatches ``k``; ``B`` must be a multiple.
+      has_state: whether ``loss_fn`` takes and returns the model state.
+
+    Returns:
+      :class:`GradSums` ``(grad_sum, weight, aux_sum, loss_sum, state)``.
+
+    Raises:
+      ValueError: when ``B`` is not a multiple of ``accum_steps`` (naming
+        both), or the batch leaves' leading sizes differ.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, fnn
+      >>> def loss_fn(params, batch, key):
+      ...     return jnp.sum((batch["x"] * params["w"]) ** 2), batch["x"].shape[0]
+      >>> sums = fnn.accumulate_gradients(
+      ...     loss_fn, {"w": jnp.array(2.0)}, {}, {"x": jnp.arange(4.0)}, None,
+      ...     accum_steps=2)
+      >>> sums.grad_sum["w"], sums.weight  # d/dw sum (x w)^2 = 2 w sum x^2
+      (Array(56., dtype=float32), Array(4., dtype=float32))
+    """
+    if not isinstance(accum_steps, int) or accum_steps < 1:
+        raise ValueError(
+            f"accumulate_gradients: accum_steps must be a positive int, "
+            f"got {accum_steps!r}."
+        )
+    k = accum_steps
+    b = leading_size(batch)
+    if b % k:
+        raise ValueError(
+            f"accumulate_gradients: a batch of {b} examples does not split into "
+            f"accum_steps={k} microbatches ({b} % {k} = {b % k}); use a batch "
+            f"size that is a multiple of {k}."
+        )
+
+    def grads_of(st, mb, j):
+        mb_key = None if key is None else jax.random.fold_in(key, j)
+
+        def f(p):
+            if has_state:
+                out, new_st = loss_fn(p, st, mb, mb_key)
+            else:
+                out, new_st = loss_fn(p, mb, mb_key), st
+            loss_sum, weight, aux = _unpack(out)
+            return loss_sum, (weight, aux, new_st)
+
+        (loss_sum, (weight, aux, new_st)), g = jax.value_and_grad(f, has_aux=True)(
+            params
+        )
+        return (g, weight, aux, loss_sum), new_st
+
+    def cast(sums):
+        return jax.tree.map(lambda x: x.astype(_acc_dtype(x.dtype)), sums)
+
+    if k == 1:
+        sums, new_state = grads_of(state, batch, 0)
+        return GradSums(*cast(sums), new_state)
+
+    # (B, ...) -> (B // k, k, ...) is a free reshape; row i * k + j is [i, j].
+    strided = jax.tree.map(lambda x: x.reshape(b // k, k, *x.shape[1:]), batch)
+
+    def microbatch(j):
+        return jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, j, 1, False), strided)
+
+    shapes = jax.eval_shape(lambda: grads_of(state, microbatch(0), 0))[0]
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, _acc_dtype(s.dtype)), shapes)
+
+    def body(carry, j):
+        acc, st = carry
+        sums, st = grads_of(st, microbatch(j), j)
+        acc = jax.tree.map(lambda a, s: a + s.astype(a.dtype), acc, sums)
+        return (acc, st), None
+
+    (sums, new_state), _ = lax.scan(body, (zeros, state), jnp.arange(k))
+    return GradSums(*sums, new_state)
+
+
+def safe_divide(total: jax.Array, weight: jax.Array) -> jax.Array:
+    """``total / weight``, and 0 where ``weight`` is 0 (no NaN for empty batches)."""
+    return total / jnp.where(weight > 0, weight, 1).astype(weight.dtype)
+
+
+def metrics_from_sums(sums: GradSums, grads: Any) -> Metrics:
+    """The step's metrics from the sums and the divided gradient."""
+    w = sums.weight
+    aux = {k: safe_divide(v, w) for k, v in sums.aux_sum.items()}
+    reserved = {"loss", "weight", "grad_norm"} & set(aux)
+    if reserved:
+        raise ValueError(f"loss_fn's aux may not use the names {sorted(reserved)!r}.")
+    return {
+        "loss": safe_divide(sums.loss_sum, w),
+        "weight": w,
+        **aux,
+        "grad_norm": optax.tree.norm(grads),
+    }
+
+
+def apply_gradients(
+    optimizer: optax.GradientTransformation, ts: TrainState, sums: GradSums, key
+) -> tuple[TrainState, Metrics]:
+    """Divides the gradient sums by the weight once and takes an optimizer step.
+
+    A step whose total weight is 0 leaves params and optimizer state unchanged
+    (only ``step`` and ``key`` advance), so an all-padding batch never gives
+    NaN params and does not move Adam's moments.
+    """
+    w = sums.weight
+    grads = jax.tree.map(
+        lambda g, p: safe_divide(g, w).astype(p.dtype), sums.grad_sum, ts.params
+    )
+    updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
+    params = optax.apply_updates(ts.params, updates)
+    keep = w > 0
+    params, opt_state = jax.tree.map(
+        lambda new, old: jnp.where(keep, new, old),
+        (params, opt_state),
+        (ts.params, ts.opt_state),
+    )
+    new_ts = TrainState(ts.step + 1, params, opt_state, sums.state, key)
+    return new_ts, metrics_from_sums(sums, grads)
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    *,
+    accum_steps: int = 1,
+    has_state: bool = False,
+    steps_per_call: int = 1,
+    donate: bool = True,
+    jit: bool = True,
+) -> Callable[[TrainState, Any], tuple[TrainState, Metrics]]:
+    """Builds ``step(train_state, batch) -> (train_state, metrics)``.
+
+    The step splits ``train_state.key``, sums the gradient of ``loss_fn`` over
+    ``accum_steps`` strided microbatches with :func:`accumulate_gradients`
+    (one ``lax.scan``), divides by the total weight once and applies
+    ``optimizer``. Model state is carried through the scan: BatchNorm
+    statistics are updated once per microbatch.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch, key) -> (loss_sum, weight)`` or
+        ``(loss_sum, weight, aux)`` with ``aux`` a dict of summed metrics; with
+        ``has_state``, ``loss_fn(params, state, batch, key) -> (out,
+        new_state)``.
+      optimizer: any optax ``GradientTransformation``.
+      accum_steps: microbatches per step; the batch size must be a multiple.
+      has_state: whether the model has running state (see above).
+      steps_per_call: ``K`` optimizer steps per call, by a ``lax.scan`` over a
+        batch whose leaves have a leading axis ``K`` (see
+        :func:`fnn.data.stack`); metrics then have a leading axis ``K``.
+      donate: donate the train state's buffers (``donate_argnums=0``): the
+        train state passed in must not be used again.
+      jit: compile the step; ``False`` returns the plain function.
+
+    Returns:
+      The step. ``metrics`` is ``{"loss": loss_sum / weight, "weight": weight,
+      **{name: aux_sum / weight}, "grad_norm": global norm of the gradient}``.
+
+    Raises:
+      ValueError: at construction for bad ``accum_steps`` or ``steps_per_call``;
+        at trace time when the batch does not split into ``accum_steps``
+        microbatches (naming both sizes), its leaves' leading sizes differ, or
+        with ``steps_per_call`` the leading axis is not ``K``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, fnn
+      >>> def loss_fn(params, batch, key):
+      ...     err = batch["x"] @ params["w"] - batch["y"]
+      ...     return jnp.sum(err**2), batch["y"].shape[0]
+      >>> opt = optax.sgd(0.1)
+      >>> ts = fnn.TrainState.create(
+      ...     {"w": jnp.zeros(2)}, opt, key=jax.random.key(0))
+      >>> step = fnn.make_train_step(loss_fn, opt, accum_steps=2)
+      >>> batch = {"x": jnp.eye(2).repeat(2, 0), "y": jnp.ones(4)}
+      >>> ts, metrics = step(ts, batch)
+      >>> float(metrics["loss"]), int(ts.step)
+      (1.0, 1)
+    """
+    for name, v in (("accum_steps", accum_steps), ("steps_per_call", steps_per_call)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(
+                f"make_train_step: {name} must be a positive int, got {v!r}."
+            )
+
+    def one_step(ts: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        key, step_key = jax.random.split(ts.key)
+        sums = accumulate_gradients(
+            loss_fn,
+            ts.params,
+            ts.state,
+            batch,
+            step_key,
+            accum_steps=accum_steps,
+            has_state=has_state,
+        )
+        return apply_gradients(optimizer, ts, sums, key)
+
+    def many_steps(ts: TrainState, batches: Any) -> tuple[TrainState, Metrics]:
+        k = leading_size(batches, "stacked batch")
+        if k != steps_per_call:
+            raise ValueError(
+                f"make_train_step: steps_per_call={steps_per_call} needs batch "
+                f"leaves with a leading axis of {steps_per_call} (stacked "
+                f"batches, see fnn.data.stack), got {k}."
+            )
+        return lax.scan(one_step, ts, batches)
+
+    step = one_step if steps_per_call == 1 else many_steps
+    if jit:
+        step = jax.jit(step, donate_argnums=(0,) if donate else ())
+    return step
+
+
+def make_eval_step(
+    metric_fn: LossFn, *, has_state: bool = False, jit: bool = True
+) -> Callable[..., Metrics]:
+    """Builds ``eval_step(params_or_train_state, batch, state=None) -> sums``.
+
+    ``metric_fn`` follows the loss protocol and is called with ``key=None``
+    (inference: dropout off), so the training loss function can be reused. The
+    step returns *sums* ``{"loss": loss_sum, "weight": weight, **aux}``;
+    :func:`evaluate` adds them over batches and divides once, so a padded,
+    masked last batch gives the exact mean.
+
+    Args:
+      metric_fn: ``metric_fn(params, batch, key) -> (loss_sum, weight[, aux])``,
+        or with ``has_state``, ``metric_fn(params, state, batch, key) -> (out,
+        new_state)`` (the new state is discarded).
+      has_state: whether ``metric_fn`` takes the model state.
+      jit: compile the step.
+
+    Returns:
+      The eval step. Given a :class:`TrainState` it reads ``params`` and
+      ``state`` from it; given params, the state comes from ``state=``.
+
+    Examples:
+      >>> import jax.numpy as jnp, fnn
+      >>> def metric_fn(params, batch, key):
+      ...     return jnp.sum(batch["x"] * params), 2.0, {"n": jnp.array(1.0)}
+      >>> step = fnn.make_eval_step(metric_fn)
+      >>> {k: float(v) for k, v in step(jnp.array(3.0), {"x": jnp.ones(2)}).items()}
+      {'loss': 6.0, 'n': 1.0, 'weight': 2.0}
+    """
+
+    def sums_fn(params: Any, state: Any, batch: Any) -> Metrics:
+        if has_state:
+            out, _ = metric_fn(params, state, batch, None)
+        else:
+            out = metric_fn(params, batch, None)
+        loss_sum, weight, aux = _unpack(out)
+        sums = {"loss": loss_sum, "weight": weight, **aux}
+        return jax.tree.map(lambda x: jnp.asarray(x, _acc_dtype(x.dtype)), sums)
+
+    compiled = jax.jit(sums_fn) if jit else sums_fn
+
+    def eval_step(params_or_ts: Any, batch: Any, state: Any = None) -> Metrics:
+        if isinstance(params_or_ts, TrainState):
+            params, state = params_or_ts.params, params_or_ts.state
+        else:
+            params = params_or_ts
+        return compiled(params, {} if state is None else state, batch)
+
+    return eval_step
+
+
+def evaluate(
+    eval_step: Callable[..., Metrics],
+    params_or_train_state: Any,
+    batches: Iterable[Any],
+    *,
+    state: Any = None,
+) -> dict[str, float]:
+    """Means of the metrics over ``batches``: summed on device, divided once.
+
+    Args:
+      eval_step: from :func:`make_eval_step`.
+      params_or_train_state: params, or a :class:`TrainState`.
+      batches: an iterable of batches (e.g. :func:`fnn.data.batches` with
+        ``remainder="pad"``, whose mask the metric function applies).
+      state: the model state when ``params_or_train_state`` is params.
+
+    Returns:
+      ``{"loss": sum / weight, "weight": total weight, name: sum / weight}`` as
+      Python floats (one host transfer at the end).
+
+    Raises:
+      ValueError: when ``batches`` is empty.
+
+    Examples:
+      >>> import jax.numpy as jnp, fnn
+      >>> def metric_fn(params, batch, key):
+      ...     m = batch["mask"]
+      ...     return jnp.sum(jnp.where(m, batch["x"], 0.0)), jnp.sum(m)
+      >>> step = fnn.make_eval_step(metric_fn)
+      >>> data = {"x": jnp.arange(5.0)}
+      >>> fnn.evaluate(step, {}, fnn.data.batches(data, 2, shuffle=False,
+      ...                                         remainder="pad"))
+      {'loss': 2.0, 'weight': 5.0}
+    """
+    total = None
+    for batch in batches:
+        sums = eval_step(params_or_train_state, batch, state)
+        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+    if total is None:
+        raise ValueError("evaluate: got no batches.")
+    total = jax.device_get(total)
+    w = total["weight"]
+    return {
+        k: float(v) if k == "weight" else float(v / w if w > 0 else 0.0)
+        for k, v in total.items()
+    }
