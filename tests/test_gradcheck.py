@@ -1,0 +1,336 @@
+"""Tests of fnn.check_grads: planted gradient bugs are caught, correct twins pass.
+
+Every bug is planted through ``jax.custom_vjp`` or ``jax.custom_jvp``, next to a
+bug-free twin with the same structure, and each pair is checked with float32 and
+with float64 inputs. The ill-conditioned functions check that correct gradients
+raise no false alarm.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from fnn.gradcheck import (
+    GradCheckReport,
+    GradientCheckError,
+    check_grads,
+    check_layer,
+)
+
+DTYPES = [np.float32, np.float64]
+SCALE_BUG = 1.001  # a 0.1% error
+ELEMENT_BUG = 1.01  # a 1% error on a single element
+BUG_INDEX = 417
+BIG_BUG_INDEX = 7321
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def with_vjp(fun, grad_rule):
+    """``fun`` with a custom VJP whose gradient is ``grad_rule(x, g)``."""
+    wrapped = jax.custom_vjp(fun)
+    wrapped.defvjp(lambda *a: (fun(*a), a), lambda a, g: grad_rule(*a, g))
+    return wrapped
+
+
+def expect_bug(f, args, **kw):
+    with pytest.raises(GradientCheckError) as info:
+        check_grads(f, args, **kw)
+    assert isinstance(info.value, AssertionError)
+    assert not info.value.report.passed
+    return info.value.report
+
+
+def expect_pass(f, args, **kw):
+    report = check_grads(f, args, **kw)
+    assert isinstance(report, GradCheckReport)
+    assert report.passed and report.entries
+    return report
+
+
+# --- planted bugs, each next to its correct twin -------------------------------
+
+
+def _sin(bug):
+    factor = {"sign": -1.0, "scale": SCALE_BUG, None: 1.0}[bug]
+    return with_vjp(jnp.sin, lambda x, g: (factor * g * jnp.cos(x),))
+
+
+def _one_element(n, index, bug):
+    def rule(x, g):
+        grad = g * jnp.cos(x)
+        return (grad.at[index].multiply(ELEMENT_BUG) if bug else grad,)
+
+    return with_vjp(jnp.sin, rule)
+
+
+def _elu(bug):
+    def fun(x):
+        return jnp.where(x > 0, x, jnp.expm1(x))
+
+    def rule(x, g):
+        neg = jnp.exp(x) * (SCALE_BUG if bug else 1.0)
+        return (g * jnp.where(x > 0, 1.0, neg),)
+
+    return with_vjp(fun, rule)
+
+
+def _matvec(bug):
+    m = jnp.asarray(rng(1).standard_normal((4, 4)))  # not symmetric
+
+    def rule(x, g):
+        return ((m if bug else m.T) @ g,)
+
+    return with_vjp(lambda x: m @ x, rule)
+
+
+def _product(bug):
+    def rule(x, g):
+        missing = 0.0 if bug else jnp.sin(x)
+        return (g * (missing + x * jnp.cos(x)),)
+
+    return with_vjp(lambda x: x * jnp.sin(x), rule)
+
+
+def _centre(bug):
+    axis = 0 if bug else 1
+
+    def rule(x, g):
+        return (g - jnp.mean(g, axis=axis, keepdims=True),)
+
+    return with_vjp(lambda x: x - jnp.mean(x, axis=1, keepdims=True), rule)
+
+
+def _softplus_tail(bug):
+    def rule(x, g):
+        # 1 - sigmoid(-x) equals sigmoid(x) but loses all precision for x << 0.
+        grad = 1.0 - jax.nn.sigmoid(-x) if bug else jax.nn.sigmoid(x)
+        return (g * grad,)
+
+    return with_vjp(jax.nn.softplus, rule)
+
+
+def _exp_residual(bug):
+    exp = jax.custom_vjp(jnp.exp)
+
+    def fwd(x):
+        y = jnp.exp(x)
+        return y, (y.astype(jnp.bfloat16) if bug else y)
+
+    exp.defvjp(fwd, lambda y, g: (g * y,))
+    return exp
+
+
+CASES = {
+    "wrong sign": (lambda bug: _sin("sign" if bug else None), lambda r: r((5,))),
+    "0.1% scale": (lambda bug: _sin("scale" if bug else None), lambda r: r((5,))),
+    "one of 1000 elements": (
+        lambda bug: _one_element(1000, BUG_INDEX, bug),
+        lambda r: r((1000,)),
+    ),
+    "negative inputs only": (
+        _elu,
+        lambda r: np.sign(r((6,))) * (0.5 + np.abs(r((6,)))),
+    ),
+    "transposed jacobian": (_matvec, lambda r: r((4,))),
+    "missing product-rule term": (_product, lambda r: r((5,))),
+    "reduction over wrong axis": (_centre, lambda r: r((3, 3))),
+    "tiny gradient, large relative error": (
+        _softplus_tail,
+        lambda r: -30.0 + r((8,)),
+    ),
+    "bf16 residual": (_exp_residual, lambda r: r((5,))),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_planted_bug_caught_and_twin_passes(case, dtype):
+    make, sample = CASES[case]
+    x = sample(rng(2).standard_normal).astype(dtype)
+    expect_pass(lambda v: make(False)(v), (x,))
+    report = expect_bug(lambda v: make(True)(v), (x,))
+    assert report.failures[0].path == "args[0]"
+    assert report.failures[0].mode == "rev"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_element_bug_is_named(dtype):
+    x = rng(3).standard_normal(1000).astype(dtype)
+    report = expect_bug(_one_element(1000, BUG_INDEX, True), (x,))
+    assert report.failures[0].index == (BUG_INDEX,)
+
+
+def test_one_element_bug_in_ten_thousand():
+    n = 10_000
+    x = rng(4).standard_normal(n).astype(np.float32)
+    expect_pass(lambda v: jnp.sum(_one_element(n, BIG_BUG_INDEX, False)(v) ** 2), (x,))
+    report = expect_bug(
+        lambda v: jnp.sum(_one_element(n, BIG_BUG_INDEX, True)(v) ** 2), (x,)
+    )
+    assert report.failures[0].index == (BIG_BUG_INDEX,)
+
+
+def _mlp_loss(bug):
+    def forward(params, x):
+        return jnp.tanh(x @ params["w"] + params["b"][None, :])
+
+    def rule(params, x, g):
+        h = forward(params, x)
+        dz = g * (1.0 - h * h)
+        db = jnp.sum(dz, axis=0) * (SCALE_BUG if bug else 1.0)
+        return {"w": x.T @ dz, "b": db}, dz @ params["w"].T
+
+    layer = with_vjp(forward, rule)
+    return lambda params, x, y: jnp.mean((layer(params, x) - y) ** 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bug_in_one_leaf_of_several_arguments(dtype):
+    r = rng(5)
+    params = {
+        "w": r.standard_normal((3, 4)).astype(dtype),
+        "b": r.standard_normal(4).astype(dtype),
+    }
+    x, y = r.standard_normal((2, 3)).astype(dtype), r.standard_normal((2, 4))
+    expect_pass(_mlp_loss(False), (params, x, y))
+    report = expect_bug(_mlp_loss(True), (params, x, y))
+    assert {e.path for e in report.failures} == {"args[0]['b']"}
+    assert {e.path for e in report.entries if e.passed} >= {"args[0]['w']", "args[1]"}
+    assert "args[0]['b']" in str(report)
+
+
+def _sin_bad_second(bug):
+    cos = jax.custom_jvp(jnp.cos)
+    cos.defjvp(
+        lambda p, t: (jnp.cos(p[0]), (1.0 if bug else -1.0) * jnp.sin(p[0]) * t[0])
+    )
+    sin = jax.custom_jvp(jnp.sin)
+    sin.defjvp(lambda p, t: (jnp.sin(p[0]), cos(p[0]) * t[0]))
+    return sin
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_second_derivative_bug(dtype):
+    x = rng(6).standard_normal(4).astype(dtype)
+    expect_pass(_sin_bad_second(True), (x,))  # right at first order
+    expect_pass(_sin_bad_second(False), (x,), order=2)
+    report = expect_bug(_sin_bad_second(True), (x,), order=2)
+    assert {e.order for e in report.failures} == {2}
+    assert {e.mode for e in report.failures} == {"fwd", "rev"}
+
+
+# --- correct but ill-conditioned functions: no false alarm ---------------------
+
+
+def _layer_norm(x):
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.var(x, axis=-1, keepdims=True)
+    return (x - mean) / jnp.sqrt(var + 1e-5)
+
+
+def _conv(x, w):
+    dims = ("NHWC", "HWIO", "NHWC")
+    return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dims)
+
+
+WELL_BEHAVED = {
+    "logsumexp near 50": (jax.nn.logsumexp, lambda r: (50 + r((8,)),)),
+    "softmax": (jax.nn.softmax, lambda r: (3 * r((6,)),)),
+    "layer norm, std 0.01": (_layer_norm, lambda r: (1 + 0.01 * r((2, 16)),)),
+    "exp near 10": (jnp.exp, lambda r: (10 + r((5,)),)),
+    "1/x near 1e-3": (lambda x: 1 / x, lambda r: (1e-3 * (1.5 + 0.3 * r((5,))),)),
+    "convolution": (_conv, lambda r: (r((1, 5, 5, 2)), r((3, 3, 2, 3)))),
+    "mlp loss": (
+        _mlp_loss(False),
+        lambda r: ({"w": r((3, 4)), "b": r((4,))}, r((2, 3)), r((2, 4))),
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", sorted(WELL_BEHAVED))
+def test_no_false_alarm(case, dtype):
+    fun, sample = WELL_BEHAVED[case]
+    r = rng(7)
+    args = jax.tree.map(lambda a: a.astype(dtype), sample(r.standard_normal))
+    expect_pass(fun, args)
+
+
+# --- behaviour ------------------------------------------------------------------
+
+
+def test_custom_vjp_is_checked_in_reverse_mode_only():
+    report = expect_pass(_sin(None), (np.ones(3),))
+    assert {e.mode for e in report.entries} == {"rev"}
+    assert any("custom_vjp" in n for n in report.notes)
+
+
+def test_custom_jvp_is_checked_in_both_modes():
+    report = expect_pass(_sin_bad_second(False), (np.ones(3),))
+    assert {e.mode for e in report.entries} == {"fwd", "rev"}
+
+
+def test_float32_only_function_is_a_clear_error():
+    with pytest.raises(ValueError, match="cannot be checked in float64"):
+        check_grads(lambda x: jnp.sin(x.astype(jnp.float32)), (np.ones(3),))
+
+
+def test_integer_leaves_and_argnums():
+    def f(params, ids, scale):
+        return jnp.sum(params["table"][ids] * scale)
+
+    params = {"table": rng(8).standard_normal((4, 3)), "step": np.int32(3)}
+    ids = np.array([0, 2, 2], np.int32)
+    report = expect_pass(f, (params, ids, 2.0), argnums=0)
+    assert {e.path for e in report.entries} == {"args[0]['table']"}
+    assert any("args[0]['step']" in n for n in report.notes)
+
+
+def test_mask_excludes_points_where_f_is_not_differentiable():
+    x = np.array([-1.0, 0.0, 2.0])
+    with pytest.raises(GradientCheckError):
+        check_grads(jnp.abs, (x,))
+    expect_pass(jnp.abs, (x,), mask=lambda x: (x != 0,))
+
+
+def test_report_is_data_when_passing():
+    report = expect_pass(lambda x: jnp.sum(x**3), (np.arange(1.0, 4.0),))
+    for e in report.entries:
+        assert e.passed and e.abs_err <= e.tol and e.checked > 0
+        assert e.index is not None and e.path == "args[0]"
+    assert "All" in str(report)
+
+
+def _dense(features):
+    def init(key, shape):
+        w = jax.random.normal(key, (shape[-1], features))
+        return (*shape[:-1], features), {"w": w, "b": jnp.zeros(features)}
+
+    def apply(params, x, *, key=None):
+        return jnp.tanh(x @ params["w"] + params["b"][None, :])
+
+    return init, apply
+
+
+def test_check_layer_params_and_input():
+    report = check_layer(_dense(3), (-1, 4))
+    assert {e.path for e in report.entries} == {"params['w']", "params['b']", "x"}
+
+
+def test_check_layer_integer_and_multiple_inputs():
+    def init(key, shapes):
+        return shapes[1], {"table": jax.random.normal(key, (5, shapes[1][-1]))}
+
+    def apply(params, inputs, *, key=None):
+        ids, x = inputs
+        return params["table"][ids] * x
+
+    report = check_layer(
+        (init, apply), ((-1,), (-1, 3)), input_dtype=(jnp.int32, jnp.float32)
+    )
+    assert {e.path for e in report.entries} == {"params['table']", "x[1]"}
