@@ -241,10 +241,14 @@ def sum_and_weight(
       >>> fnn.losses.sum_and_weight(jnp.array([1.0, 2.0, 7.0]), jnp.array([1, 1, 0]))
       (Array(3., dtype=float32), Array(2., dtype=float32))
     """
+    return _sum_and_weight("sum_and_weight", per_example, mask)
+
+
+def _sum_and_weight(where: str, per_example, mask):
     x = jnp.asarray(per_example)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         x = x.astype(jnp.float32)
-    m = _full_mask("sum_and_weight", mask, x.shape)
+    m = _full_mask(where, mask, x.shape)
     if m is None:
         return jnp.sum(x), jnp.asarray(x.size, x.dtype)
     return jnp.sum(_keep(m, x)), jnp.sum(m, dtype=x.dtype)
@@ -260,7 +264,7 @@ def mean(per_example: ArrayLike, mask: ArrayLike | None = None) -> jax.Array:
       >>> fnn.losses.mean(jnp.array([1.0]), jnp.array([False]))
       Array(0., dtype=float32)
     """
-    total, weight = sum_and_weight(per_example, mask)
+    total, weight = _sum_and_weight("mean", per_example, mask)
     return total / jnp.where(weight > 0, weight, jnp.ones((), weight.dtype))
 
 
