@@ -88,12 +88,13 @@ def batches(
         loss that applies it (``fnn.losses.sum_and_weight``) gives exact
         means.
 
-    Yields:
-      Pytrees of the structure of ``arrays`` holding numpy arrays with leading
-      size ``batch_size`` (or less for a kept remainder).
+    Returns:
+      An iterator over pytrees of the structure of ``arrays`` holding numpy
+      arrays with leading size ``batch_size`` (or less for a kept remainder).
 
     Raises:
-      ValueError: for a bad ``batch_size`` or ``remainder``, a missing key,
+      ValueError: at the call (not at the first batch) for a bad
+        ``batch_size`` or ``remainder``, a missing key,
         arrays of different leading sizes, or ``"pad"`` with non-dict arrays.
 
     Examples:
@@ -126,6 +127,11 @@ def batches(
         order = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), n))
     else:
         order = np.arange(n)
+    return _epoch(host, order, batch_size, remainder)
+
+
+def _epoch(host: Any, order: np.ndarray, batch_size: int, remainder: str):
+    n = len(order)
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         real = len(idx)
