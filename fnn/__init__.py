@@ -42,6 +42,14 @@ from fnn.combinators import (
     serial,
 )
 from fnn.core import Layer, ShapeError, describe, fail, make_layer
+from fnn.data_parallel import (
+    data_mesh,
+    initialize,
+    make_parallel_train_step,
+    psum_fused,
+    replicate,
+    shard_batch,
+)
 from fnn.layers.dense import Dense, Embed
 from fnn.layers.reshape import Flatten, Identity, Reshape
 from fnn.losses import accuracy, argmax, correct, one_hot, predict
@@ -62,6 +70,13 @@ __version__ = "0.1.0"
 __all__ = [
     # checkpoint
     "Checkpointer",
+    # data parallel
+    "data_mesh",
+    "initialize",
+    "make_parallel_train_step",
+    "psum_fused",
+    "replicate",
+    "shard_batch",
     # core
     "Layer",
     "ShapeError",

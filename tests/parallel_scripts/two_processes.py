@@ -1,0 +1,99 @@
+"""One process of a data-parallel job on 127.0.0.1, or the one-process reference.
+
+    python two_processes.py OUT_DIR                      # reference, 1 device
+    python two_processes.py OUT_DIR COORD N ID CKPT_DIR  # process ID of N
+
+Each process trains 3 steps on its own half of every global batch, saves the
+replicated train state with fnn.Checkpointer (every process takes part),
+restores it into a fresh replicated target, and writes its params and the
+restored params to OUT_DIR/params_<ID>.npz. With ``die`` as a sixth argument,
+process 1 kills itself after start-up and process 0 waits in a collective: the
+test checks that it fails instead of hanging. Run by tests/test_parallel.py.
+"""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import fnn
+
+jax.config.update("jax_enable_x64", True)
+STEPS, BATCH, ACCUM = 3, 8, 2
+
+
+def loss_fn(params, batch, key):
+    err = jnp.tanh(batch["x"] @ params["w1"]) @ params["w2"] - batch["y"]
+    return jnp.sum(err**2), err.shape[0]
+
+
+def data(step):
+    k1, k2 = jax.random.split(jax.random.key(100 + step))
+    return {
+        "x": np.asarray(jax.random.normal(k1, (BATCH, 3))),
+        "y": np.asarray(jax.random.normal(k2, (BATCH,))),
+    }
+
+
+def initial_state(opt):
+    k1, k2 = jax.random.split(jax.random.key(0))
+    params = {"w1": jax.random.normal(k1, (3, 4)), "w2": jax.random.normal(k2, (4,))}
+    return fnn.TrainState.create(params, opt, key=jax.random.key(1))
+
+
+def main(out_dir, coordinator=None, n=1, pid=0, ckpt_dir=None, die=False):
+    opt = optax.adam(0.05)
+    if coordinator is None:  # the reference: one process, one device
+        ts, step = (
+            initial_state(opt),
+            fnn.make_train_step(loss_fn, opt, accum_steps=ACCUM),
+        )
+        for i in range(STEPS):
+            ts, _ = step(ts, data(i))
+        np.savez(os.path.join(out_dir, "reference.npz"), **ts.params)
+        return
+    fnn.initialize(
+        coordinator,
+        n,
+        pid,
+        initialization_timeout=30,
+        heartbeat_timeout_seconds=5,
+        shutdown_timeout_seconds=10,
+    )
+    mesh = fnn.data_mesh()
+    assert mesh.size == n and jax.process_count() == n, (mesh, jax.process_count())
+    step = fnn.make_parallel_train_step(loss_fn, opt, mesh, accum_steps=ACCUM)
+    ts = fnn.replicate(initial_state(opt), mesh)
+    rows = BATCH // n
+    if die:
+        if pid == 1:
+            os._exit(17)  # as if killed: no shutdown, no goodbye
+        while True:  # the survivor keeps stepping with a dead peer
+            ts, _ = step(ts, fnn.shard_batch(data(0), mesh))
+            jax.block_until_ready(ts)
+    for i in range(STEPS):
+        local = {k: v[pid * rows : (pid + 1) * rows] for k, v in data(i).items()}
+        ts, _ = step(ts, fnn.shard_batch(local, mesh))
+    with fnn.Checkpointer(ckpt_dir, async_save=False) as ckpt:
+        ckpt.save(STEPS, ts)
+        target = fnn.replicate(initial_state(opt), mesh)
+        restored, _ = ckpt.restore(target)
+    result = {k: np.asarray(v.addressable_data(0)) for k, v in ts.params.items()}
+    for k, v in restored.params.items():
+        result["restored_" + k] = np.asarray(v.addressable_data(0))
+    result["restored_step"] = np.asarray(restored.step.addressable_data(0))
+    np.savez(os.path.join(out_dir, f"params_{pid}.npz"), **result)
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    a = sys.argv[1:]
+    if len(a) == 1:
+        main(a[0])
+    else:
+        main(a[0], a[1], int(a[2]), int(a[3]), a[4], die=len(a) > 5 and a[5] == "die")

@@ -1,0 +1,209 @@
+"""Data parallel training: fnn.data_mesh, replicate, shard_batch,
+make_parallel_train_step and initialize.
+
+Multi-device and multi-process checks run in subprocesses (the scripts in
+tests/parallel_scripts/), each with a hard timeout: the number of CPU devices
+must be set before JAX is imported, and jax.distributed can be initialised only
+once per process. The scripts report measurements; the assertions are here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import fnn
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).resolve().parent / "parallel_scripts"
+# float64 sums in a different order (per device, then across devices).
+F64_TOL = 1e-12
+SCRIPT_TIMEOUT_S = 240
+# A dead peer must be noticed through the heartbeat (5 s in the script).
+DEAD_PEER_TIMEOUT_S = 90
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def _run(*args: str, timeout: float = SCRIPT_TIMEOUT_S) -> str:
+    proc = subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(),
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_pair(out: Path, *extra: str) -> list[subprocess.Popen]:
+    coordinator = f"127.0.0.1:{_free_port()}"
+    script = str(SCRIPTS / "two_processes.py")
+    return [
+        subprocess.Popen(
+            [sys.executable, script, str(out), coordinator, "2", str(pid)]
+            + [str(out / "ckpt"), *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+            cwd=ROOT,
+        )
+        for pid in (0, 1)
+    ]
+
+
+def _wait_all(procs: list[subprocess.Popen], timeout: float) -> list[tuple]:
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+        return [(p.returncode, *out) for p, out in zip(procs, outs)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+@pytest.fixture(scope="module")
+def four_devices() -> dict:
+    out = _run(str(SCRIPTS / "four_devices.py"))
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_four_devices_equal_one_device_in_float64(four_devices):
+    assert four_devices["devices"] == 4
+    for case in ("mlp", "batchnorm"):
+        r = four_devices[case]
+        assert r["dtypes"] == ["float64"], r
+        assert r["step"] == 3
+        assert r["replicated"], r
+        for part in ("params", "opt_state", "state", "metrics"):
+            assert r[part] <= F64_TOL, (case, part, r[part])
+    assert four_devices["mlp"]["metric_names"] == ["abs", "grad_norm", "loss", "weight"]
+    assert four_devices["batchnorm"]["state_leaves"] == 2
+
+
+def test_one_all_reduce_per_accumulated_step(four_devices):
+    # Gradients, weight, loss and metric sums cross devices in ONE all-reduce,
+    # after the scan over microbatches.
+    assert four_devices["mlp"]["all_reduce"] == 1
+    # A BatchNorm synchronised over devices adds its own all-reduces inside
+    # the scan body (batch mean and variance, and their gradients), which the
+    # HLO text shows once for the whole loop.
+    assert four_devices["batchnorm"]["all_reduce"] > 1
+
+
+def test_batch_that_does_not_split_is_a_clear_error(four_devices):
+    msg = four_devices["bad_batch_error"]
+    assert msg is not None
+    assert "16 examples" in msg and "4 devices" in msg and "accum_steps=3" in msg
+
+
+def test_two_processes_match_one_process_and_checkpoint(tmp_path):
+    _run(str(SCRIPTS / "two_processes.py"), str(tmp_path))
+    reference = np.load(tmp_path / "reference.npz")
+    results = _wait_all(_start_pair(tmp_path), SCRIPT_TIMEOUT_S)
+    for rc, _, err in results:
+        assert rc == 0, err[-4000:]
+    got = [np.load(tmp_path / f"params_{pid}.npz") for pid in (0, 1)]
+    for name in ("w1", "w2"):
+        np.testing.assert_array_equal(got[0][name], got[1][name])
+        np.testing.assert_allclose(got[0][name], reference[name], rtol=0, atol=F64_TOL)
+        for g in got:  # every process saved and restored the same state
+            np.testing.assert_array_equal(g["restored_" + name], g[name])
+    assert [int(g["restored_step"]) for g in got] == [3, 3]
+
+
+def test_a_dead_peer_makes_the_survivor_fail_not_hang(tmp_path):
+    results = _wait_all(_start_pair(tmp_path, "die"), DEAD_PEER_TIMEOUT_S)
+    (rc0, _, err0), (rc1, _, _) = results
+    assert rc1 == 17
+    assert rc0 != 0, err0[-4000:]
+    assert "heartbeat" in err0 or "unhealthy" in err0.lower(), err0[-4000:]
+
+
+def test_initialize_reads_fnn_environment(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setenv("FNN_COORDINATOR", "10.0.0.1:1234")
+    monkeypatch.setenv("FNN_NUM_PROCESSES", "4")
+    monkeypatch.setenv("FNN_PROCESS_ID", "2")
+    fnn.initialize(heartbeat_timeout_seconds=7)
+    fnn.initialize("10.0.0.9:99", 2, 1)
+    assert calls[0]["coordinator_address"] == "10.0.0.1:1234"
+    assert (calls[0]["num_processes"], calls[0]["process_id"]) == (4, 2)
+    assert calls[0]["heartbeat_timeout_seconds"] == 7
+    assert (calls[1]["coordinator_address"], calls[1]["process_id"]) == (
+        "10.0.0.9:99",
+        1,
+    )
+    monkeypatch.setenv("FNN_PROCESS_ID", "two")
+    with pytest.raises(ValueError, match=r"initialize: .*FNN_PROCESS_ID.*'two'"):
+        fnn.initialize()
+
+
+def test_initialize_leaves_unset_values_to_jax(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    for name in ("FNN_COORDINATOR", "FNN_NUM_PROCESSES", "FNN_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    fnn.initialize()
+    assert calls[0]["coordinator_address"] is None
+    assert calls[0]["num_processes"] is None and calls[0]["process_id"] is None
+
+
+def test_argument_errors():
+    with pytest.raises(ValueError, match="data_mesh: expected at least one device"):
+        fnn.data_mesh([])
+    with pytest.raises(ValueError, match="data_mesh: expected a non-empty axis"):
+        fnn.data_mesh(axis_name="")
+    mesh = fnn.data_mesh()
+    with pytest.raises(ValueError, match="make_parallel_train_step: accum_steps"):
+        fnn.make_parallel_train_step(lambda *a: a, None, mesh, accum_steps=0)
+    with pytest.raises(ValueError, match="one-dimensional mesh"):
+        fnn.shard_batch({"x": np.zeros(2)}, "data")
+    with pytest.raises(ValueError, match=r"shard_batch: batch\['x'\] of shape \(\)"):
+        fnn.shard_batch({"x": np.float32(1.0)}, mesh)
+
+
+def test_one_device_step_matches_make_train_step():
+    # In this process (one CPU device) the parallel step is the plain step.
+    import jax.numpy as jnp
+    import optax
+
+    def loss_fn(params, batch, key):
+        err = batch["x"] @ params["w"] - batch["y"]
+        return jnp.sum(err**2), err.shape[0]
+
+    opt = optax.sgd(0.1)
+    ts = fnn.TrainState.create({"w": jnp.zeros(2)}, opt, key=jax.random.key(0))
+    batch = {"x": np.arange(8.0).reshape(4, 2), "y": np.ones(4)}
+    mesh = fnn.data_mesh()
+    step = fnn.make_parallel_train_step(loss_fn, opt, mesh, accum_steps=2)
+    got, _ = step(fnn.replicate(ts, mesh), fnn.shard_batch(batch, mesh))
+    # numpy reference: w -= lr * 2 X^T (X w - y) / n at w = 0
+    x, y = batch["x"], batch["y"]
+    want = -0.1 * 2 * x.T @ (-y) / 4
+    np.testing.assert_allclose(got.params["w"], want, rtol=1e-6, atol=0)
+    assert not ts.params["w"].is_deleted()  # replicate copied; donation is safe
