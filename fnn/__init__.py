@@ -50,6 +50,8 @@ from fnn.data_parallel import (
     replicate,
     shard_batch,
 )
+from fnn.fit import fit
+from fnn.history import NonFiniteLossError, write_history
 from fnn.layers.dense import Dense, Embed
 from fnn.layers.reshape import Flatten, Identity, Reshape
 from fnn.losses import accuracy, argmax, correct, one_hot, predict
@@ -68,6 +70,10 @@ from fnn.train import (
 __version__ = "0.1.0"
 
 __all__ = [
+    # fit
+    "NonFiniteLossError",
+    "fit",
+    "write_history",
     # checkpoint
     "Checkpointer",
     # data parallel
