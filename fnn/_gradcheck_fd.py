@@ -23,6 +23,8 @@ SCALE_FLOOR = 1e-2  # elements near zero use this fraction of the leaf's rms
 ROUNDING_FACTOR = 8.0
 EPS64 = float(np.finfo(np.float64).eps)
 CHUNK_FLOATS = 2**22  # floats per batched evaluation (32 MiB in float64)
+# Checks run each compiled function a few times: compile fast rather than run fast.
+COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
 def steps(base: float) -> np.ndarray:
@@ -148,7 +150,7 @@ class Compiled:
 
     def __init__(self, fun, fallback=None):
         self.fun = fun
-        self.jitted = jax.jit(fun)
+        self.jitted = jax.jit(fun, compiler_options=COMPILER_OPTIONS)
         self.fallback = fallback or fun
         self.ok = True
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fnn import _gradcheck_args as argsmod
 from fnn import _gradcheck_core as core
 from fnn import _gradcheck_fd as fd
 from fnn._gradcheck_report import GradCheckEntry, GradCheckReport, GradientCheckError
@@ -155,7 +156,7 @@ def _check(
     )
     notes: list[str] = []
     with jax.enable_x64(True):
-        leaves, x0, scale, actives, tree_fn = core.prepare(
+        leaves, x0, scale, actives, tree_fn = argsmod.prepare(
             f, args, argnums, mask, names, eps, notes
         )
         if not leaves:
