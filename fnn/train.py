@@ -190,6 +190,7 @@ def make_train_step(
     steps_per_call: int = 1,
     donate: bool = True,
     jit: bool = True,
+    mesh: Any = None,
 ) -> Callable[[TrainState, Any], tuple[TrainState, Metrics]]:
     """Builds ``step(train_state, batch) -> (train_state, metrics)``.
 
@@ -213,6 +214,9 @@ def make_train_step(
       donate: donate the train state's buffers (``donate_argnums=0``): the
         train state passed in must not be used again.
       jit: compile the step; ``False`` returns the plain function.
+      mesh: a ``jax.sharding.Mesh`` from :func:`fnn.data_mesh` for data
+        parallel training; the step is then
+        :func:`fnn.make_parallel_train_step`'s (same arguments).
 
     Returns:
       The step. ``metrics`` is ``{"loss": loss_sum / weight, "weight": weight,
@@ -243,6 +247,19 @@ def make_train_step(
             raise ValueError(
                 f"make_train_step: {name} must be a positive int, got {v!r}."
             )
+    if mesh is not None:
+        from fnn.data_parallel import make_parallel_train_step  # imports this file
+
+        return make_parallel_train_step(
+            loss_fn,
+            optimizer,
+            mesh,
+            accum_steps=accum_steps,
+            has_state=has_state,
+            steps_per_call=steps_per_call,
+            donate=donate,
+            jit=jit,
+        )
 
     def one_step(ts: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         key, step_key = jax.random.split(ts.key)

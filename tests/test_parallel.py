@@ -207,3 +207,8 @@ def test_one_device_step_matches_make_train_step():
     want = -0.1 * 2 * x.T @ (-y) / 4
     np.testing.assert_allclose(got.params["w"], want, rtol=1e-6, atol=0)
     assert not ts.params["w"].is_deleted()  # replicate copied; donation is safe
+    # make_train_step(mesh=) is the same parallel step.
+    step2 = fnn.make_train_step(loss_fn, opt, accum_steps=2, mesh=mesh)
+    got2, _ = step2(fnn.replicate(ts, mesh), fnn.shard_batch(batch, mesh))
+    np.testing.assert_allclose(got2.params["w"], want, rtol=1e-6, atol=0)
+    assert got2.params["w"].sharding.is_fully_replicated
