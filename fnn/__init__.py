@@ -52,7 +52,18 @@ from fnn.data_parallel import (
 )
 from fnn.fit import fit
 from fnn.history import NonFiniteLossError, write_history
+from fnn.layers.conv import Conv, ConvTranspose
 from fnn.layers.dense import Dense, Embed
+from fnn.layers.dropout import Dropout
+from fnn.layers.norm import BatchNorm, LayerNorm, RMSNorm
+from fnn.layers.pool import (
+    AvgPool,
+    GlobalMaxPool,
+    GlobalMeanPool,
+    MaxPool,
+    masked_max,
+    masked_mean,
+)
 from fnn.layers.reshape import Flatten, Identity, Reshape
 from fnn.losses import accuracy, argmax, correct, one_hot, predict
 from fnn.state import StatefulModel, with_state
@@ -106,6 +117,19 @@ __all__ = [
     "Flatten",
     "Identity",
     "Reshape",
+    # conv, pool, dropout, norm
+    "AvgPool",
+    "BatchNorm",
+    "Conv",
+    "ConvTranspose",
+    "Dropout",
+    "GlobalMaxPool",
+    "GlobalMeanPool",
+    "LayerNorm",
+    "MaxPool",
+    "RMSNorm",
+    "masked_max",
+    "masked_mean",
     # summary
     "count_params",
     "summary",

@@ -1,0 +1,378 @@
+"""Normalization: LayerNorm, RMSNorm, and BatchNorm with running statistics.
+
+LayerNorm and RMSNorm normalise each example over its feature axes and are
+stateless. BatchNorm normalises each feature over the batch (and every other
+non-feature axis); it keeps running mean and variance as *state* (see
+:func:`fnn.with_state`), updated while training and used for inference.
+Statistics are computed in at least float32 whatever the input's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.nn import initializers
+
+from fnn.core import Layer, check_shape, fail, is_training, make_layer, signature
+from fnn.layers.pool import broadcast_mask, mask_error
+from fnn.state import declare_state, read_state, write_state
+
+
+def _axes_arg(owner: str, axis: Any) -> tuple[int, ...]:
+    axes = (axis,) if isinstance(axis, int) else axis
+    try:
+        axes = tuple(axes)
+    except TypeError:
+        axes = ()
+    if not axes or not all(
+        isinstance(a, int) and not isinstance(a, bool) for a in axes
+    ):
+        raise ValueError(
+            f"{owner}: expected an int axis or a tuple of them, got {axis!r}."
+        )
+    return axes
+
+
+def _check_epsilon(owner: str, epsilon: Any) -> None:
+    if (
+        isinstance(epsilon, bool)
+        or not isinstance(epsilon, (int, float))
+        or epsilon <= 0
+    ):
+        raise ValueError(f"{owner}: expected a positive epsilon, got {epsilon!r}.")
+
+
+def _resolve(
+    desc: str, axes: tuple[int, ...], shape: tuple[int, ...]
+) -> tuple[int, ...]:
+    """The feature axes as non-negative ints; fails if they do not fit ``shape``."""
+    rank = len(shape)
+    if not all(-rank <= a < rank for a in axes):
+        fail(desc, f"axis {axes!r} is out of range for an input of shape {shape!r}.")
+    out = tuple(sorted({a % rank for a in axes}))
+    if len(out) != len(axes) or 0 in out:
+        fail(
+            desc,
+            f"axis {axes!r} must name distinct non-batch axes of an input of "
+            f"shape {shape!r}.",
+        )
+    if any(shape[a] == -1 for a in out):
+        fail(desc, f"the normalised axes {out!r} must be known, got {shape!r}.")
+    return out
+
+
+def _features(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(shape[a] for a in axes)
+
+
+def _check_features(desc: str, x: jax.Array, axes: tuple[int, ...], want: Any) -> None:
+    if _features(x.shape, axes) != tuple(want):
+        fail(
+            desc,
+            f"expected input with sizes {tuple(want)!r} on axes {axes!r}, "
+            f"got shape {x.shape!r}.",
+        )
+
+
+def _broadcastable(v: jax.Array, rank: int, axes: tuple[int, ...]) -> jax.Array:
+    """A per-feature array ``v`` reshaped to broadcast against an input of ``rank``.
+
+    Unlike :func:`fnn.core.expand_left`, the feature axes need not be trailing.
+    """
+    it = iter(v.shape)
+    return v.reshape(tuple(next(it) if i in axes else 1 for i in range(rank)))
+
+
+def _compute(x: Any) -> jax.Array:
+    x = jnp.asarray(x)
+    return x.astype(jnp.result_type(x, jnp.float32))
+
+
+def _affine(y, params, x, axes):
+    out_dtype = jnp.result_type(x, *jax.tree.leaves(params))
+    if not jnp.issubdtype(out_dtype, jnp.inexact):
+        out_dtype = y.dtype
+    if "scale" in params:
+        y = y * _broadcastable(params["scale"], x.ndim, axes)
+    if "bias" in params:
+        y = y + _broadcastable(params["bias"], x.ndim, axes)
+    return y.astype(out_dtype)
+
+
+def _init_affine(key, feat, use_scale, use_bias, scale_init, bias_init, dtype):
+    k_s, k_b = jax.random.split(key)
+    params = {}
+    if use_scale:
+        params["scale"] = scale_init(k_s, feat, dtype)
+    if use_bias:
+        params["bias"] = bias_init(k_b, feat, dtype)
+    return params
+
+
+def LayerNorm(
+    *,
+    epsilon: float = 1e-5,
+    use_scale: bool = True,
+    use_bias: bool = True,
+    axis: int | tuple[int, ...] = -1,
+    scale_init: initializers.Initializer = initializers.ones,
+    bias_init: initializers.Initializer = initializers.zeros,
+    dtype: jnp.dtype = jnp.float32,
+) -> Layer:
+    """Normalises each example over ``axis``: ``(x - mean) / sqrt(var + eps)``.
+
+    Then ``* scale + bias``, per feature.
+
+    Args:
+      epsilon: added to the variance. ``1e-5``, as PyTorch, Equinox and Haiku's
+        examples (Flax uses ``1e-6``), so weights from those carry over exactly.
+      use_scale: whether to multiply by a learned ``scale`` (init ones).
+      use_bias: whether to add a learned ``bias`` (init zeros).
+      axis: the feature axis or axes normalised over, default the last. The
+        batch axis 0 cannot be one of them.
+      scale_init: initializer for ``scale``.
+      bias_init: initializer for ``bias``.
+      dtype: the params' dtype.
+
+    Returns:
+      The layer; params ``{'scale': features, 'bias': features}`` where
+      ``features`` is the input's shape on ``axis``; output shape = input shape.
+
+    Raises:
+      ValueError: for a bad option.
+      ShapeError: if ``axis`` does not fit the input, its sizes are unknown, or
+        (at apply) they differ from init's.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, fnn
+      >>> norm = fnn.LayerNorm()
+      >>> shape, params = norm.init(jax.random.key(0), (-1, 4))
+      >>> shape, params["scale"].shape
+      ((-1, 4), (4,))
+      >>> y = norm.apply(params, jnp.array([[1.0, 2.0, 3.0, 4.0]]))
+      >>> float(y.mean()), round(float(y.std()), 3)
+      (0.0, 1.0)
+    """
+    _check_epsilon("LayerNorm", epsilon)
+    axes = _axes_arg("LayerNorm", axis)
+    shown = {"epsilon": epsilon} if epsilon != 1e-5 else {}
+    shown |= {} if axis == -1 else {"axis": axis}
+    desc = signature("LayerNorm", **shown)
+
+    def init_fn(key, input_shape):
+        shape = check_shape(desc, input_shape, min_rank=2)
+        feat = _features(shape, _resolve(desc, axes, shape))
+        params = _init_affine(
+            key, feat, use_scale, use_bias, scale_init, bias_init, dtype
+        )
+        return shape, params
+
+    def apply_fn(params, x, **kwargs):
+        x = jnp.asarray(x)
+        ax = _resolve(desc, axes, x.shape)
+        if params:
+            _check_features(desc, x, ax, next(iter(params.values())).shape)
+        xc = _compute(x)
+        mean = jnp.mean(xc, ax, keepdims=True)
+        var = jnp.mean(jnp.square(xc - mean), ax, keepdims=True)
+        return _affine((xc - mean) * lax.rsqrt(var + epsilon), params, x, ax)
+
+    return make_layer("layernorm", desc, init_fn, apply_fn)
+
+
+def RMSNorm(
+    *,
+    epsilon: float = 1e-5,
+    use_scale: bool = True,
+    axis: int | tuple[int, ...] = -1,
+    scale_init: initializers.Initializer = initializers.ones,
+    dtype: jnp.dtype = jnp.float32,
+) -> Layer:
+    """Root-mean-square normalisation: ``x / sqrt(mean(x**2) + eps) * scale``.
+
+    LayerNorm without centring and without bias (Zhang and Sennrich, 2019).
+
+    Args:
+      epsilon: added to the mean square; ``1e-5``, as LayerNorm.
+      use_scale: whether to multiply by a learned ``scale`` (init ones).
+      axis: the feature axis or axes, default the last.
+      scale_init: initializer for ``scale``.
+      dtype: the params' dtype.
+
+    Returns:
+      The layer; params ``{'scale': features}``; output shape = input shape.
+
+    Raises:
+      ValueError: for a bad option.
+      ShapeError: as :func:`LayerNorm`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, fnn
+      >>> norm = fnn.RMSNorm(epsilon=1e-6)
+      >>> shape, params = norm.init(jax.random.key(0), (-1, 2))
+      >>> y = norm.apply(params, jnp.array([[3.0, 4.0]]))  # rms = sqrt(12.5)
+      >>> [round(v, 4) for v in y[0].tolist()]
+      [0.8485, 1.1314]
+    """
+    _check_epsilon("RMSNorm", epsilon)
+    axes = _axes_arg("RMSNorm", axis)
+    shown = {"epsilon": epsilon} if epsilon != 1e-5 else {}
+    shown |= {} if axis == -1 else {"axis": axis}
+    desc = signature("RMSNorm", **shown)
+
+    def init_fn(key, input_shape):
+        shape = check_shape(desc, input_shape, min_rank=2)
+        feat = _features(shape, _resolve(desc, axes, shape))
+        params = _init_affine(key, feat, use_scale, False, scale_init, None, dtype)
+        return shape, params
+
+    def apply_fn(params, x, **kwargs):
+        x = jnp.asarray(x)
+        ax = _resolve(desc, axes, x.shape)
+        if params:
+            _check_features(desc, x, ax, params["scale"].shape)
+        xc = _compute(x)
+        ms = jnp.mean(jnp.square(xc), ax, keepdims=True)
+        return _affine(xc * lax.rsqrt(ms + epsilon), params, x, ax)
+
+    return make_layer("rmsnorm", desc, init_fn, apply_fn)
+
+
+def _batch_stats(x, reduce_axes, mask, axis_name):
+    """Per-feature mean and (biased) variance over ``reduce_axes`` and devices."""
+    m = None if mask is None else broadcast_mask(x, mask)
+
+    def total(v):
+        s = jnp.sum(v if m is None else jnp.where(m, v, 0), reduce_axes, keepdims=True)
+        return s if axis_name is None else lax.psum(s, axis_name)
+
+    if m is None:
+        count = 1
+        for a in reduce_axes:
+            count *= x.shape[a]
+        if axis_name is not None:
+            count = lax.psum(count, axis_name)
+    else:
+        count = jnp.maximum(total(jnp.ones_like(x)), 1)
+    mean = total(x) / count
+    var = total(jnp.square(x - mean)) / count
+    return mean, var
+
+
+def BatchNorm(
+    *,
+    momentum: float = 0.99,
+    epsilon: float = 1e-5,
+    use_scale: bool = True,
+    use_bias: bool = True,
+    axis: int | tuple[int, ...] = -1,
+    axis_name: str | None = None,
+    scale_init: initializers.Initializer = initializers.ones,
+    bias_init: initializers.Initializer = initializers.zeros,
+    dtype: jnp.dtype = jnp.float32,
+) -> Layer:
+    """Batch normalisation, with running mean and variance kept as state.
+
+    Each feature is normalised over every axis but ``axis`` (the batch, and
+    for images the spatial axes). The layer needs :func:`fnn.with_state`.
+
+    **Train or evaluate.** Apply trains when it gets a ``key`` (so the one key
+    that turns on dropout also turns on batch statistics), or when
+    ``train=True`` is passed; ``train=False`` evaluates even with a key. While
+    training it normalises with the batch's statistics and updates the state:
+    ``running = momentum * running + (1 - momentum) * batch`` (Flax's and
+    Haiku's convention; PyTorch's ``momentum`` is ``1 -`` this one), with the
+    biased batch variance, as Flax. While evaluating it uses the running
+    statistics and leaves the state unchanged.
+
+    Args:
+      momentum: the running statistics' decay, in ``[0, 1)``; 0.99 as Flax.
+      epsilon: added to the variance; ``1e-5`` as Flax and PyTorch.
+      use_scale: whether to multiply by a learned ``scale`` (init ones).
+      use_bias: whether to add a learned ``bias`` (init zeros).
+      axis: the feature axis or axes, default the last (channels last).
+      axis_name: a mapped axis name (``shard_map``, ``pmap``) over which batch
+        statistics are averaged with ``lax.psum``, so every device
+        normalises with the global batch's statistics. Under plain ``jax.jit``
+        with a sharded batch the statistics are already global: leave it None.
+      scale_init: initializer for ``scale``.
+      bias_init: initializer for ``bias``.
+      dtype: the params' and the state's dtype.
+
+    Returns:
+      The layer; params ``{'scale': features, 'bias': features}``, state
+      ``{'mean': features, 'var': features}`` (init zeros and ones); output
+      shape = input shape. While training, apply also takes ``mask=``: true at
+      valid positions, of the input's shape without the feature axis (e.g.
+      ``(batch, time)``), so padding does not enter the statistics.
+
+    Raises:
+      ValueError: for a bad option.
+      ShapeError: if ``axis`` does not fit the input, at apply outside
+        :func:`fnn.with_state`, or for a mask that does not fit.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, fnn
+      >>> model = fnn.with_state(fnn.serial(fnn.Dense(4), fnn.BatchNorm()))
+      >>> shape, params, state = model.init(jax.random.key(0), (-1, 3))
+      >>> jax.tree.map(jnp.shape, state)
+      {'1_batchnorm': {'mean': (4,), 'var': (4,)}}
+      >>> x = jnp.arange(6.0).reshape(2, 3)
+      >>> y, state = model.apply(params, state, x, train=True)  # batch statistics
+      >>> y, _ = model.apply(params, state, x)  # no key: running statistics
+    """
+    if (
+        isinstance(momentum, bool)
+        or not isinstance(momentum, (int, float))
+        or not (0.0 <= momentum < 1.0)
+    ):
+        raise ValueError(f"BatchNorm: expected momentum in [0, 1), got {momentum!r}.")
+    _check_epsilon("BatchNorm", epsilon)
+    axes = _axes_arg("BatchNorm", axis)
+    shown = {"momentum": momentum} if momentum != 0.99 else {}
+    shown |= {"epsilon": epsilon} if epsilon != 1e-5 else {}
+    shown |= {} if axis == -1 else {"axis": axis}
+    shown |= {} if axis_name is None else {"axis_name": axis_name}
+    desc = signature("BatchNorm", **shown)
+
+    def init_fn(key, input_shape):
+        shape = check_shape(desc, input_shape, min_rank=2)
+        feat = _features(shape, _resolve(desc, axes, shape))
+        params = _init_affine(
+            key, feat, use_scale, use_bias, scale_init, bias_init, dtype
+        )
+        declare_state(
+            desc, {"mean": jnp.zeros(feat, dtype), "var": jnp.ones(feat, dtype)}
+        )
+        return shape, params
+
+    def apply_fn(params, x, *, key=None, train=None, mask=None, **kwargs):
+        x = jnp.asarray(x)
+        ax = _resolve(desc, axes, x.shape)
+        state = read_state(desc)
+        _check_features(desc, x, ax, state["mean"].shape)
+        xc = _compute(x)
+        if is_training(key, train):
+            red = tuple(i for i in range(x.ndim) if i not in ax)
+            if mask is not None:
+                detail = mask_error(x.shape, tuple(jnp.shape(mask)))
+                if detail is not None:
+                    fail(desc, detail)
+            mean, var = _batch_stats(xc, red, mask, axis_name)
+            new = {
+                name: (
+                    momentum * state[name]
+                    + (1 - momentum) * lax.stop_gradient(v).reshape(state[name].shape)
+                ).astype(state[name].dtype)
+                for name, v in (("mean", mean), ("var", var))
+            }
+            write_state(desc, new)
+        else:
+            mean = _broadcastable(state["mean"], x.ndim, ax)
+            var = _broadcastable(state["var"], x.ndim, ax)
+        return _affine((xc - mean) * lax.rsqrt(var + epsilon), params, x, ax)
+
+    return make_layer("batchnorm", desc, init_fn, apply_fn)
