@@ -104,7 +104,9 @@ def check_grads(
         at ``args``, or the arguments are malformed.
 
     Examples:
-      >>> report = fnn.check_grads(lambda x: jnp.sum(jnp.sin(x)), (jnp.ones(3),))
+      >>> import jax, jax.numpy as jnp
+      >>> from fnn.gradcheck import check_grads, GradientCheckError
+      >>> report = check_grads(lambda x: jnp.sum(jnp.sin(x)), (jnp.ones(3),))
       >>> report.passed
       True
       >>> @jax.custom_vjp
@@ -112,8 +114,8 @@ def check_grads(
       ...     return x * x
       >>> square.defvjp(lambda x: (x * x, x), lambda x, g: (g * x,))  # should be 2x
       >>> try:
-      ...     fnn.check_grads(square, (jnp.arange(1.0, 4.0),))
-      ... except fnn.GradientCheckError as e:
+      ...     check_grads(square, (jnp.arange(1.0, 4.0),))
+      ... except GradientCheckError as e:
       ...     print(e.report.worst.path, e.report.worst.mode)
       args[0] rev
     """
@@ -236,11 +238,13 @@ def check_layer(
       ValueError: as :func:`check_grads`.
 
     Examples:
+      >>> import jax.numpy as jnp
+      >>> from fnn.gradcheck import check_layer
       >>> def init(key, shape):
-      ...     return shape, {"scale": jnp.full(shape[-1:], 2.0)}
+      ...     return shape, {"scale": jnp.array(2.0)}
       >>> def apply(params, x, *, key=None):
       ...     return jnp.tanh(x * params["scale"])
-      >>> fnn.check_layer((init, apply), (-1, 3)).passed
+      >>> check_layer((init, apply), (-1, 3)).passed
       True
     """
     init, apply = layer
