@@ -106,7 +106,12 @@ def compiled_stats(v: Variant) -> dict:
             - mem.alias_size_in_bytes
             + mem.temp_size_in_bytes
         )
-    return {"compile_s": seconds, "flops": cost.get("flops"), "peak_bytes": peak}
+    return {
+        "compile_s": seconds,
+        "flops": cost.get("flops"),
+        "bytes": cost.get("bytes accessed"),
+        "peak_bytes": peak,
+    }
 
 
 def interleave(variants, rounds: int, n: int) -> tuple[dict, dict]:
@@ -156,9 +161,9 @@ def bench_workload(wl, args, peak: float) -> None:
     print(f"\n{args.rounds} rounds x {n} steps; first-step loss {ref:.6f}\n")
     print(
         "| variant | ratio to JAX | us/step | GFLOP/s | % of peak | compile s |"
-        " peak MB |"
+        " MB accessed | peak MB |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for v in variants:
         s, t = stats[v.name], per_step[v.name]
         gf = flops / t / 1e9 if flops else None
@@ -166,7 +171,9 @@ def bench_workload(wl, args, peak: float) -> None:
         print(
             f"| {v.name} | {ratio[v.name]:.2f} | {t * 1e6:,.0f} | {fmt(gf, '.1f')} | "
             f"{fmt(gf and 100 * gf / peak, '.0f')} | "
-            f"{fmt(s.get('compile_s'), '.2f')} | {fmt(mb and mb / 2**20, '.2f')} |"
+            f"{fmt(s.get('compile_s'), '.2f')} | "
+            f"{fmt(s.get('bytes') and s['bytes'] / 2**20, '.2f')} | "
+            f"{fmt(mb and mb / 2**20, '.2f')} |"
         )
     if wl.name == "mlp-tiny" and not args.no_dispatch:
         dispatch(wl, ws, x, y, variants, per_step, args)
