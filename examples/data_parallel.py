@@ -30,8 +30,8 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--devices", type=int, help="fake CPU devices per process")
     p.add_argument("--coordinator", help="host:port of process 0")
-    p.add_argument("--num-processes", type=int, default=1)
-    p.add_argument("--process-id", type=int, default=0)
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
     p.add_argument("--launch", type=int, help="start this many local processes")
     p.add_argument("--quick", action="store_true", help="a few epochs only")
     p.add_argument("--epochs", type=int, default=30)
@@ -74,7 +74,9 @@ from sklearn.model_selection import train_test_split
 
 import fnn
 
-if args.coordinator:
+# Options, or FNN_COORDINATOR / FNN_NUM_PROCESSES / FNN_PROCESS_ID.
+distributed = bool(args.coordinator or os.environ.get("FNN_COORDINATOR"))
+if distributed:
     fnn.initialize(args.coordinator, args.num_processes, args.process_id)
 
 mesh = fnn.data_mesh()
@@ -121,5 +123,5 @@ accuracy = float(np.mean(np.argmax(net.apply(params, x_test), -1) == y_test))
 if rank == 0:
     print(f"devices: {mesh.size}, processes: {nproc}")
     print(f"test accuracy: {accuracy:.4f}")
-if args.coordinator:
+if distributed:
     jax.distributed.shutdown()
