@@ -141,3 +141,26 @@ def check_layer_properties(
 def _to64(a: Any) -> Any:
     a = jnp.asarray(a)
     return a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a
+
+
+def state_as_params(layer: fnn.Layer) -> fnn.Layer:
+    """A layer with running state, seen as a stateless one for the suite.
+
+    ``init`` runs ``fnn.with_state(layer).init`` and returns params ``{'params':
+    ..., 'state': ...}``; ``apply`` threads that state and returns only ``y``,
+    after checking the new state keeps the state's structure and shapes. So
+    :func:`check_layer_properties` covers stateful layers too (gradients with
+    respect to the state included).
+    """
+    model = fnn.with_state(layer)
+
+    def init_fn(key, input_shape):
+        out_shape, params, state = model.init(key, input_shape)
+        return out_shape, {"params": params, "state": state}
+
+    def apply_fn(params, x, **kwargs):
+        y, new_state = model.apply(params["params"], params["state"], x, **kwargs)
+        chex.assert_trees_all_equal_shapes(new_state, params["state"])
+        return y
+
+    return fnn.Layer(init_fn, apply_fn)
