@@ -125,8 +125,8 @@ def test_gradient_finite_at_extremes(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_layer_properties(name):
     _, layer_fn, kwargs, _ = CASES[name]
-    out_shape, params = check_layer_properties(layer_fn(**kwargs), (-1, 3, 4))
-    assert out_shape == (-1, 3, 4)
+    out_shape, params = check_layer_properties(layer_fn(**kwargs), (-1, 2, 3))
+    assert out_shape == (-1, 2, 3)
     assert params == {}
 
 
@@ -240,12 +240,12 @@ def test_bad_input_shape_is_a_shape_error():
 
 small_batches = hnp.arrays(
     np.float64,
-    hnp.array_shapes(min_dims=1, max_dims=2, min_side=1, max_side=8),
+    (3, 5),  # one shape: one compilation
     elements=st.floats(-1e3, 1e3),
 )
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(x=small_batches)
 def test_log_softmax_normalises(x):
     with jax.enable_x64(True):
@@ -256,7 +256,7 @@ def test_log_softmax_normalises(x):
     assert np.all(y <= 0)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(x=small_batches, shift=st.floats(-1e4, 1e4))
 def test_softmax_invariant_to_shifts(x, shift):
     with jax.enable_x64(True):
