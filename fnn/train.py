@@ -116,11 +116,12 @@ class TrainState(NamedTuple):
         )
 
 
-def metrics_from_sums(sums: GradSums, grads: Any) -> Metrics:
-    """The step's metrics from the sums and the divided gradient.
+def metrics_from_sums(sums: GradSums) -> Metrics:
+    """The step's metrics from the (cross-device) sums.
 
     Returns ``{"loss", "weight", **aux, "grad_norm"}``: sums divided by the
-    weight (0 for a zero weight), the weight itself, and the gradient's norm.
+    weight (0 for a zero weight), the weight itself, and the norm of the
+    gradient ``grad_sum / weight``.
     """
     w = sums.weight
     aux = {k: safe_divide(v, w) for k, v in sums.aux_sum.items()}
@@ -131,7 +132,7 @@ def metrics_from_sums(sums: GradSums, grads: Any) -> Metrics:
         "loss": safe_divide(sums.loss_sum, w),
         "weight": w,
         **aux,
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": safe_divide(optax.tree.norm(sums.grad_sum), w),
     }
 
 
@@ -166,19 +167,21 @@ def apply_gradients(
       (-1.0, 3.0)
     """
     w = sums.weight
-    grads = jax.tree.map(
-        lambda g, p: safe_divide(g, w).astype(p.dtype), sums.grad_sum, ts.params
-    )
-    updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
-    params = optax.apply_updates(ts.params, updates)
-    keep = w > 0
-    params, opt_state = jax.tree.map(
-        lambda new, old: jnp.where(keep, new, old),
-        (params, opt_state),
-        (ts.params, ts.opt_state),
+
+    def update(_):
+        grads = jax.tree.map(
+            lambda g, p: (g / w).astype(p.dtype), sums.grad_sum, ts.params
+        )
+        updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
+        return optax.apply_updates(ts.params, updates), opt_state
+
+    # lax.cond, not jnp.where on the results: with donated buffers a select
+    # needs a temporary copy of params and optimizer state.
+    params, opt_state = lax.cond(
+        w > 0, update, lambda _: (ts.params, ts.opt_state), None
     )
     new_ts = TrainState(ts.step + 1, params, opt_state, sums.state, key)
-    return new_ts, metrics_from_sums(sums, grads)
+    return new_ts, metrics_from_sums(sums)
 
 
 def make_train_step(
