@@ -51,6 +51,13 @@ from fnn.data_parallel import (
     shard_batch,
 )
 from fnn.fit import fit
+from fnn.gradcheck import (
+    GradCheckEntry,
+    GradCheckReport,
+    GradientCheckError,
+    check_grads,
+    check_layer,
+)
 from fnn.history import NonFiniteLossError, write_history
 from fnn.layers.conv import Conv, ConvTranspose
 from fnn.layers.dense import Dense, Embed
@@ -81,6 +88,12 @@ from fnn.train import (
 __version__ = "0.1.0"
 
 __all__ = [
+    # gradient checking
+    "GradCheckEntry",
+    "GradCheckReport",
+    "GradientCheckError",
+    "check_grads",
+    "check_layer",
     # fit
     "NonFiniteLossError",
     "fit",
