@@ -1,0 +1,116 @@
+"""``repeat``: n copies of one layer, params stacked, applied with ``lax.scan``."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fnn.combinators import _check_layers
+from fnn.core import (
+    Layer,
+    ShapeError,
+    apply_child,
+    describe,
+    fail,
+    init_child,
+    layer_name,
+    make_layer,
+    shapes_agree,
+)
+from fnn.state import declare_state, read_state, run_apply, run_init, write_state
+
+
+def repeat(layer: Layer, n: int) -> Layer:
+    """``n`` copies of ``layer`` one after another, compiled once.
+
+    The copies have their own params, stacked on a new leading axis of size
+    ``n``, and are applied with one ``lax.scan``, so tracing and compile time
+    do not grow with ``n`` (see docs/transformer.md, "Measured"). Copy ``i``
+    is initialised with ``jax.random.fold_in(key, i)`` and, when apply is
+    given a ``key``, applied with ``jax.random.fold_in(key, i)``: the keys
+    ``serial`` gives its children, so ``repeat(layer, n)`` computes what
+    ``serial(layer, ..., layer)`` does with the same (unstacked) params.
+    Keyword arguments (``mask=``, ``train=``) reach every copy.
+
+    Running state (BatchNorm inside the repeated layer) is stacked like the
+    params and carried through the scan; use the network through
+    :func:`fnn.with_state` as usual. Its state is ``{name: stacked_state}``.
+
+    Args:
+      layer: a layer that maps its input shape to itself (a residual block, a
+        transformer block).
+      n: the number of copies, at least 1.
+
+    Returns:
+      The layer; params ``{name: stacked}``, where ``name`` is the child's
+      kind (``'serial'``) or the name given with :func:`fnn.named`, and every
+      leaf of ``stacked`` has a leading axis of size ``n``.
+
+    Raises:
+      ValueError: for ``n < 1``.
+      TypeError: if ``layer`` is not a layer.
+      ShapeError: at init, if ``layer`` changes the shape of its input.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, fnn
+      >>> block = fnn.residual(fnn.serial(fnn.Dense(4), fnn.Relu()))
+      >>> deep = fnn.repeat(block, 6)
+      >>> shape, params = deep.init(jax.random.key(0), (-1, 4))
+      >>> shape, params["residual"]["serial"]["0_dense"]["w"].shape
+      ((-1, 4), (6, 4, 4))
+      >>> deep.apply(params, jnp.ones((2, 4))).shape
+      (2, 4)
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"repeat: expected a positive number of copies, got {n!r}.")
+    (layer,) = _check_layers("repeat", (layer,))
+    k = getattr(layer[0], "fnn_key", None) or layer_name(layer)
+    desc = f"repeat({describe(layer)}, n={n})"
+    place = f"repeat[0:{n}]"
+
+    def init_fn(rng, input_shape):
+        shapes = []
+
+        def one(i):
+            r = None if rng is None else jax.random.fold_in(rng, i)
+            (out, params), state = run_init(
+                lambda: init_child(layer, k, place, r, input_shape)
+            )
+            shapes.append(out)
+            return params, state
+
+        params, state = jax.vmap(one)(jnp.arange(n))
+        out = shapes[0]
+        if not shapes_agree(out, input_shape):
+            fail(
+                desc,
+                f"the repeated layer maps shape {input_shape!r} to {out!r}; "
+                "repeat needs a layer that keeps the shape of its input.",
+            )
+        if state:
+            declare_state(desc, state)
+        return input_shape, {k: params}
+
+    def apply_fn(params, x, *, key=None, **kwargs):
+        try:
+            state = read_state(desc)
+        except ShapeError:
+            state = None  # a stateless layer, or no fnn.with_state around
+
+        def body(x, inputs):
+            p, s, i = inputs
+            sub = None if key is None else jax.random.fold_in(key, i)
+
+            def run():
+                return apply_child(layer, k, place, p, x, key=sub, **kwargs)
+
+            if s is None:
+                return run(), None
+            return run_apply(run, s)
+
+        x, new_state = jax.lax.scan(body, x, (params[k], state, jnp.arange(n)))
+        if state is not None:
+            write_state(desc, new_state)
+        return x
+
+    return make_layer("repeat", desc, init_fn, apply_fn)
