@@ -59,6 +59,7 @@ from fnn.gradcheck import (
     check_layer,
 )
 from fnn.history import NonFiniteLossError, write_history
+from fnn.layers.attention import MultiHeadAttention
 from fnn.layers.conv import Conv, ConvTranspose
 from fnn.layers.dense import Dense, Embed
 from fnn.layers.dropout import Dropout
@@ -71,8 +72,14 @@ from fnn.layers.pool import (
     masked_max,
     masked_mean,
 )
+from fnn.layers.positional import (
+    LearnedPositionalEmbedding,
+    SinusoidalPositionalEmbedding,
+)
+from fnn.layers.recurrent import RNN, Cell, GRUCell, LSTMCell
 from fnn.layers.reshape import Flatten, Identity, Reshape
 from fnn.losses import accuracy, argmax, correct, one_hot, predict
+from fnn.repeat import repeat
 from fnn.state import StatefulModel, with_state
 from fnn.summary import count_params, summary
 from fnn.train import (
@@ -186,4 +193,13 @@ __all__ = [
     "evaluate",
     "make_eval_step",
     "make_train_step",
+    # attention, recurrent, positional, repeat
+    "Cell",
+    "GRUCell",
+    "LSTMCell",
+    "LearnedPositionalEmbedding",
+    "MultiHeadAttention",
+    "RNN",
+    "SinusoidalPositionalEmbedding",
+    "repeat",
 ]
