@@ -306,12 +306,13 @@ def fit(
             disable=not progress,
             dynamic_ncols=True,
         )
-        clock, clock_done = time.perf_counter(), done
+        clock = [time.perf_counter(), done]  # training time only: reset after
+        shown: dict[str, str] = {}  # reports and saves, so they do not count
 
         def report(final: bool) -> None:
-            nonlocal clock, clock_done, continued
+            nonlocal continued
             metrics.pull(last_ckpt)
-            postfix = {}
+            seconds = time.perf_counter() - clock[0]
             eval_grid = bool(eval_every) and done % eval_every == 0
             on_grid = done % log_every == 0 or (eval_step is not None and eval_grid)
             eval_due = eval_step is not None and (final or eval_grid)
@@ -334,14 +335,17 @@ def fit(
                     continued = len(history)
                 if history_path is not None:
                     write_history(history, history_path)
-                postfix = {k: v for k, v in entry.items() if k not in ("step", "epoch")}
+                shown.update(
+                    {k: f"{v:.4f}" for k, v in entry.items() if k.startswith("eval_")}
+                )
+                if "loss" in entry:
+                    shown["loss"] = f"{entry['loss']:.4f}"
             elif metrics.host:
-                postfix = {"loss": metrics.means().get("loss", math.nan)}
-            now = time.perf_counter()
-            if now > clock:
-                postfix["ex/s"] = (done - clock_done) * batch_size / (now - clock)
-            clock, clock_done = now, done
-            bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+                shown["loss"] = f"{metrics.means().get('loss', math.nan):.4f}"
+            if seconds > 0 and done > clock[1]:
+                shown["ex/s"] = f"{(done - clock[1]) * batch_size / seconds:,.0f}"
+            order = sorted(shown, key=lambda k: (k != "loss", k == "ex/s", k))
+            bar.set_postfix({k: shown[k] for k in order}, refresh=False)
 
         def save() -> None:
             nonlocal last_ckpt
@@ -378,13 +382,16 @@ def fit(
                 done += k
                 bar.update(k)
                 final = done >= total
-                if final or any(done % g == 0 for g in grid):
+                reported = final or any(done % g == 0 for g in grid)
+                if reported:
                     report(final)
                 if ckpt is not None and (
                     final
                     or (checkpoint_every is not None and done % checkpoint_every == 0)
                 ):
                     save()
+                if reported:
+                    clock[:] = [time.perf_counter(), done]
         return train_state, history
     finally:
         if ckpt is not None:

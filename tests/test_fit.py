@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 
 import chex
 import jax
@@ -273,3 +274,25 @@ def test_progress_bar_shows_loss_and_speed(capsys):
     err = capsys.readouterr().err
     assert "loss=" in err and "ex/s=" in err, err
     assert f"{PER_EPOCH}/{PER_EPOCH}" in err, err
+
+
+def test_digits_example_quick_run_and_resume(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "examples" / "digits.py"
+    spec = importlib.util.spec_from_file_location("digits_example", path)
+    digits = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(digits)
+    argv = ["--quick", "--no-progress", "--out", str(tmp_path / "d.png")]
+    argv += ["--checkpoint-dir", str(tmp_path / "ckpt")]
+    first = digits.main(argv)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"test accuracy: 0\.\d{4}", lines[-1]), lines
+    assert (tmp_path / "d.png").stat().st_size > 0
+    with fnn.Checkpointer(tmp_path / "ckpt") as ckpt:
+        chex.assert_equal(ckpt.latest_step(), 8)
+    # The finished run resumes to its end at once and reports the same result.
+    chex.assert_equal(digits.main(argv), first)
