@@ -340,13 +340,13 @@ def stax(wl: Workload, ws, x, y) -> Variant:
         layers = [embed, st.Flatten, st.Dense(CHAR_HIDDEN), st.Tanh]
         layers.append(st.Dense(CHAR_VOCAB))
     _, apply = st.serial(*layers)
-    it = iter(ws)
-    params = [
-        () if layer[0] in (st.Relu[0], st.Tanh[0], st.Flatten[0], pool[0]) else None
-        for layer in layers
-    ]
-    params = [p if p is not None else tuple(map(jnp.asarray, next(it))) for p in params]
-    params = [p[0] if len(p) == 1 else p for p in params]  # the table, bare
+    it, params = iter(ws), []
+    for layer in layers:
+        if layer[0] in (st.Relu[0], st.Tanh[0], st.Flatten[0], pool[0]):
+            params.append(())
+        else:  # (W, b) as stax holds them, or the bare embedding table
+            t = tuple(map(jnp.asarray, next(it)))
+            params.append(t[0] if len(t) == 1 else t)
     opt_init, opt_update, get_params = optimizers.adam(LR)
 
     def loss(params, x, y):

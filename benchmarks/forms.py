@@ -118,7 +118,7 @@ def main(argv=None):
         stats = [compiled_stats(v) for v in vs]
         losses = [v.run(1) for v in vs]
         n = calibrate(vs, args.round_s)
-        per_step, ratio = interleave(vs, args.rounds, n)
+        per_step, ratio, _ = interleave(vs, args.rounds, n)
         print(f"\n### {name}, batch {wl.batch}: {args.rounds} rounds x {n} steps\n")
         print("| form | ratio | us/step | GFLOP | MB accessed | peak MB | loss |")
         print("|---|---:|---:|---:|---:|---:|---:|")

@@ -13,7 +13,8 @@ Usage::
     python benchmarks/steps.py --workloads mlp-tiny,char --no-peers
 
 Also reported: achieved GFLOP/s (FLOPs from ``compiled.cost_analysis()``)
-against this machine's float32 matmul peak (a jitted 2048^3 ``jnp.matmul``);
+against this machine's float32 matmul peak (a jitted 2048^3 ``jnp.matmul``,
+timed once in every round so that it sees the same load as the steps);
 compile time; peak memory from ``compiled.memory_analysis()``; fnn's eager
 ``apply`` and ``init`` cost against hand-written JAX; and microseconds per step
 of ``fnn.make_train_step(..., steps_per_call=K)`` on the tiny MLP.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -51,6 +53,8 @@ from _workloads import (
 from jax.nn import initializers
 
 LOSS_ATOL = 1e-4  # first-step losses of all variants must agree this closely
+# one instruction of the optimized HLO text, e.g. "  %add.0 = f32[8,5]{1,0} add(..."
+HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+ = .*?\s[a-z][\w\-]*\(", re.M)
 
 
 def clock(fn, n: int = 1) -> float:
@@ -74,13 +78,19 @@ def machine() -> str:
     )
 
 
-def matmul_peak(n: int = 2048, reps: int = 7) -> float:
-    """Median float32 GFLOP/s of a jitted ``n x n @ n x n`` matmul."""
+MATMUL_N = 2048
+
+
+def matmul_probe(n: int = MATMUL_N):
+    """A blocking call of a jitted float32 ``n x n @ n x n`` matmul, and its FLOPs.
+
+    It runs once in every round, so "% of peak" compares each step with the
+    matmul under the same load from other processes.
+    """
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     f = jax.jit(jnp.matmul)
     f(a, a).block_until_ready()
-    times = [clock(lambda: f(a, a).block_until_ready()) for _ in range(reps)]
-    return 2 * n**3 / statistics.median(times) / 1e9
+    return lambda: f(a, a).block_until_ready(), 2 * n**3
 
 
 def compiled_stats(v: Variant) -> dict:
@@ -110,22 +120,35 @@ def compiled_stats(v: Variant) -> dict:
         "compile_s": seconds,
         "flops": cost.get("flops"),
         "bytes": cost.get("bytes accessed"),
+        "hlo": len(HLO_INSTRUCTION.findall(compiled.as_text())),
         "peak_bytes": peak,
     }
 
 
-def interleave(variants, rounds: int, n: int) -> tuple[dict, dict]:
-    """Per variant: median seconds per step, and median ratio to variants[0]."""
+def interleave(variants, rounds: int, n: int, probe=None):
+    """Runs ``rounds`` rounds of ``n`` steps of each variant, in rotating order.
+
+    Returns three dicts over variant names: the median seconds per step, the
+    median over rounds of the time per step divided by ``variants[0]``'s, and
+    (with a ``probe``, timed once per round) the median of the per-round
+    ratio ``time of probe / time per step``.
+    """
     times = {v.name: [] for v in variants}
     ratios = {v.name: [] for v in variants}
+    vs_probe = {v.name: [] for v in variants}
     for r in range(rounds):
         order = variants[r % len(variants) :] + variants[: r % len(variants)]
         this = {v.name: clock(lambda v=v: v.run(n)) / n for v in order}
+        t_probe = clock(probe) if probe else None
         for name, t in this.items():
             times[name].append(t)
             ratios[name].append(t / this[variants[0].name])
+            vs_probe[name].append(t_probe / t if probe else None)
     med = statistics.median
-    return {k: med(t) for k, t in times.items()}, {k: med(r) for k, r in ratios.items()}
+    return tuple(
+        {k: med(v) if v and v[0] is not None else None for k, v in d.items()}
+        for d in (times, ratios, vs_probe)
+    )
 
 
 def calibrate(variants, target_s: float) -> int:
@@ -138,7 +161,7 @@ def fmt(x, spec: str, missing: str = "n/a") -> str:
     return missing if x is None else format(x, spec)
 
 
-def bench_workload(wl, args, peak: float) -> None:
+def bench_workload(wl, args, probe) -> None:
     ws = weights(wl)
     x, y = batch(wl)
     variants = [
@@ -155,25 +178,26 @@ def bench_workload(wl, args, peak: float) -> None:
         if abs(loss - ref) > LOSS_ATOL:
             print(f"  WARNING: {name} first-step loss {loss} != {ref}", file=sys.stderr)
     n = calibrate(variants, args.round_s)
-    per_step, ratio = interleave(variants, args.rounds, n)
+    per_step, ratio, vs_probe = interleave(variants, args.rounds, n, probe[0])
     flops = stats[variants[0].name].get("flops")
     print(f"\n### {wl.name}: {wl.kind} {wl.sizes or ''} batch {wl.batch} {wl.note}")
     print(f"\n{args.rounds} rounds x {n} steps; first-step loss {ref:.6f}\n")
     print(
         "| variant | ratio to JAX | us/step | GFLOP/s | % of peak | compile s |"
-        " MB accessed | peak MB |"
+        " MB accessed | peak MB | HLO instrs |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for v in variants:
         s, t = stats[v.name], per_step[v.name]
         gf = flops / t / 1e9 if flops else None
+        of_peak = 100 * flops / probe[1] * vs_probe[v.name] if flops else None
         mb = s.get("peak_bytes")
         print(
             f"| {v.name} | {ratio[v.name]:.2f} | {t * 1e6:,.0f} | {fmt(gf, '.1f')} | "
-            f"{fmt(gf and 100 * gf / peak, '.0f')} | "
+            f"{fmt(of_peak, '.0f')} | "
             f"{fmt(s.get('compile_s'), '.2f')} | "
             f"{fmt(s.get('bytes') and s['bytes'] / 2**20, '.2f')} | "
-            f"{fmt(mb and mb / 2**20, '.2f')} |"
+            f"{fmt(mb and mb / 2**20, '.2f')} | {fmt(s.get('hlo'), 'd')} |"
         )
     if wl.name == "mlp-tiny" and not args.no_dispatch:
         dispatch(wl, ws, x, y, variants, per_step, args)
@@ -260,11 +284,15 @@ def main(argv=None) -> None:
         parser.error(f"unknown workloads {unknown}; choose from {sorted(WORKLOADS)}")
     print(f"Machine: {machine()}")
     print(f"Command: python benchmarks/steps.py {' '.join(sys.argv[1:])}".rstrip())
-    peak = matmul_peak(reps=3 if args.quick else 7)
-    print(f"float32 matmul peak (jitted 2048^3 jnp.matmul, median): {peak:.1f} GFLOP/s")
+    probe = matmul_probe()
+    t = statistics.median(clock(probe[0]) for _ in range(3))
+    print(
+        f"float32 matmul (jitted {MATMUL_N}^3 jnp.matmul): {probe[1] / t / 1e9:.1f} "
+        "GFLOP/s now; '% of peak' is against this matmul timed in every round"
+    )
     np.set_printoptions(precision=4)
     for name in names:
-        bench_workload(WORKLOADS[name], args, peak)
+        bench_workload(WORKLOADS[name], args, probe)
     eager_costs(args)
 
 
