@@ -149,8 +149,10 @@ def fit(
       resume: continue from the latest checkpoint in ``checkpoint_dir`` if there
         is one. With ``resume=False`` a directory that holds checkpoints is an
         error (nothing is overwritten).
-      history_path: a ``.json`` or ``.csv`` file rewritten at each entry.
-      progress: show a tqdm bar with the loss and examples per second.
+      history_path: a ``.json`` or ``.csv`` file rewritten at each entry (by
+        process 0 only, in a multi-process job).
+      progress: show a tqdm bar (on process 0) with the loss, the latest eval
+        metrics and training examples per second.
       progress_every: steps between updates of the bar's loss (each costs one
         transfer of the pending metrics).
 
@@ -299,11 +301,12 @@ def fit(
 
         many = _scanned(train_step) if steps_per_call > 1 else None
         continued = len(history)  # entries an uninterrupted run also has
+        main_process = jax.process_index() == 0  # one bar and file per job
         bar = tqdm(
             total=total,
             initial=done,
             unit="step",
-            disable=not progress,
+            disable=not progress or not main_process,
             dynamic_ncols=True,
         )
         clock = [time.perf_counter(), done]  # training time only: reset after
@@ -333,7 +336,7 @@ def fit(
                 if on_grid:
                     metrics.reset()
                     continued = len(history)
-                if history_path is not None:
+                if history_path is not None and main_process:
                     write_history(history, history_path)
                 shown.update(
                     {k: f"{v:.4f}" for k, v in entry.items() if k.startswith("eval_")}
@@ -351,10 +354,11 @@ def fit(
             nonlocal last_ckpt
             metrics.pull(last_ckpt)
             if not bool(_all_finite(train_state)):
+                last = "none" if last_ckpt is None else f"step {last_ckpt}"
                 raise non_finite_error(
                     f"fit: the params became NaN or infinite at step {base + done} "
                     f"(the loss was finite); training stopped and the state was not "
-                    f"saved. The last checkpoint is step {last_ckpt}.",
+                    f"saved. The last checkpoint: {last}.",
                     base + done,
                     None,
                     last_ckpt,

@@ -126,11 +126,16 @@ class MetricLog:
             bad = np.flatnonzero(~np.isfinite(m.get("loss", np.zeros(1))))
             if bad.size:
                 step, loss = first + int(bad[0]), float(m["loss"][bad[0]])
+                saved = (
+                    "No checkpoint was saved before it"
+                    if last_checkpoint is None
+                    else f"The last checkpoint (step {last_checkpoint}) holds the "
+                    f"last state saved before it"
+                )
                 raise non_finite_error(
                     f"fit: the loss became {loss} at step {step}; training stopped. "
-                    f"The last checkpoint (step {last_checkpoint}) holds the last "
-                    f"state saved before it; lower the learning rate, clip "
-                    f"gradients (optax.clip_by_global_norm) or check the data.",
+                    f"{saved}; lower the learning rate, clip gradients "
+                    f"(optax.clip_by_global_norm) or check the data.",
                     step,
                     loss,
                     last_checkpoint,

@@ -229,6 +229,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
             assert all(math.isfinite(e["loss"]) for e in meta["history"])
 
 
+def test_nan_loss_without_checkpoints_says_so():
+    with pytest.raises(fnn.NonFiniteLossError, match="No checkpoint was saved"):
+        _fit(_poison_from(2, "loss"), epochs=1)
+
+
 def test_non_finite_params_are_never_saved(tmp_path):
     with pytest.raises(fnn.NonFiniteLossError, match="params") as info:
         _fit(
