@@ -281,9 +281,13 @@ def fit(
                 yield from islice(it, skip, None)
                 epoch, skip = epoch + 1, 0
 
+        put = (lambda b: b) if jax.default_backend() == "cpu" else jax.device_put
+
         def calls():
             """Yields ``(k, batch)`` per call, the batch already sent to the
-            device one call ahead, so the copy overlaps the running step."""
+            device one call ahead, so the copy overlaps the running step. On
+            CPU there is nothing to overlap and the step's own transfer is
+            cheaper than an explicit ``device_put``."""
             batches, at, ahead = stream(), done, []
             while at < total:
                 k = chunk(at)
@@ -293,7 +297,7 @@ def fit(
                 else:
                     group = [(1, b) for b in group]
                 for k_b, b in group:
-                    ahead.append((k_b, jax.device_put(b)))
+                    ahead.append((k_b, put(b)))
                     if len(ahead) > 1:
                         yield ahead.pop(0)
                 at += k
