@@ -95,7 +95,9 @@ def test_step_matches_optax_on_numpy_gradient(opt):
                 float(metrics["loss"]), np.sum(m * r**2) / m.sum(), rtol=EXACT_RTOL_F64
             )
             np.testing.assert_allclose(
-                float(metrics["pos"]), np.sum(m & (r > 0)) / m.sum(), rtol=EXACT_RTOL_F64
+                float(metrics["pos"]),
+                np.sum(m & (r > 0)) / m.sum(),
+                rtol=EXACT_RTOL_F64,
             )
             np.testing.assert_allclose(
                 float(metrics["grad_norm"]),
@@ -109,6 +111,21 @@ def test_step_matches_optax_on_numpy_gradient(opt):
                 ts.params, ref_params, rtol=EXACT_RTOL_F64, atol=EXACT_RTOL_F64
             )
         assert int(ts.step) == 3
+
+
+def test_jit_equals_no_jit():
+    with jax.enable_x64(True):
+        opt = optax.adam(0.05)
+        out = []
+        for jit in (True, False):
+            ts = fnn.TrainState.create(make_params(), opt, key=jax.random.key(0))
+            step = fnn.make_train_step(linear_loss, opt, accum_steps=3, jit=jit)
+            for seed in range(2):
+                ts, metrics = step(ts, jax.tree.map(jnp.asarray, make_batch(seed)))
+            out.append((ts.params, ts.opt_state, metrics))
+        chex.assert_trees_all_close(
+            out[0], out[1], rtol=EXACT_RTOL_F64, atol=EXACT_RTOL_F64
+        )
 
 
 def test_step_is_traced_once_and_donates():
