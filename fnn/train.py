@@ -116,6 +116,13 @@ class TrainState(NamedTuple):
         )
 
 
+def check_aux_names(aux: dict) -> None:
+    """Raises ``ValueError`` when ``aux`` uses a name the metrics reserve."""
+    reserved = {"loss", "weight", "grad_norm"} & set(aux)
+    if reserved:
+        raise ValueError(f"loss_fn's aux may not use the names {sorted(reserved)!r}.")
+
+
 def metrics_from_sums(sums: GradSums) -> Metrics:
     """The step's metrics from the (cross-device) sums.
 
@@ -125,9 +132,7 @@ def metrics_from_sums(sums: GradSums) -> Metrics:
     """
     w = sums.weight
     aux = {k: safe_divide(v, w) for k, v in sums.aux_sum.items()}
-    reserved = {"loss", "weight", "grad_norm"} & set(aux)
-    if reserved:
-        raise ValueError(f"loss_fn's aux may not use the names {sorted(reserved)!r}.")
+    check_aux_names(aux)
     return {
         "loss": safe_divide(sums.loss_sum, w),
         "weight": w,
@@ -330,6 +335,7 @@ def make_eval_step(
         else:
             out = metric_fn(params, batch, None)
         loss_sum, weight, aux = unpack_loss_output(out)
+        check_aux_names(aux)
         sums = {"loss": loss_sum, "weight": weight, **aux}
         return jax.tree.map(lambda x: jnp.asarray(x, accumulator_dtype(x.dtype)), sums)
 

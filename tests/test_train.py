@@ -285,3 +285,16 @@ def test_eval_with_state_reads_train_state():
     assert fnn.evaluate(step, params, [{"x": x}], state=state)["loss"] == 6.0
     with pytest.raises(ValueError, match="no batches"):
         fnn.evaluate(step, ts, [])
+
+
+def test_aux_may_not_shadow_metric_names():
+    def loss(params, batch, key):
+        s, w, _ = linear_loss(params, batch, key)
+        return s, w, {"loss": s}
+
+    opt = optax.sgd(0.1)
+    ts = fnn.TrainState.create(make_params(jnp.float32), opt, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"may not use the names \['loss'\]"):
+        fnn.make_train_step(loss, opt)(ts, make_batch(0))
+    with pytest.raises(ValueError, match=r"may not use the names \['loss'\]"):
+        fnn.make_eval_step(loss)(ts, make_batch(0))
