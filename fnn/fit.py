@@ -226,8 +226,10 @@ def fit(
         steps if steps is not None else math.inf,
     )
     log_every = log_every or per_epoch
-    # The report grid: calls never cross it, so reports land on exact steps.
-    grid = [log_every, progress_every]
+    # The report grid: calls never cross it, so entries and checkpoints land on
+    # exact steps. The bar refreshes at the first call ending past a multiple
+    # of progress_every instead, so it never shortens a call.
+    grid = [log_every]
     grid += [v for v in (eval_every, checkpoint_every) if v is not None]
 
     ckpt = (
@@ -390,7 +392,11 @@ def fit(
                 done += k
                 bar.update(k)
                 final = done >= total
-                reported = final or any(done % g == 0 for g in grid)
+                reported = (
+                    final
+                    or any(done % g == 0 for g in grid)
+                    or done // progress_every != (done - k) // progress_every
+                )
                 if reported:
                     report(final)
                 if ckpt is not None and (

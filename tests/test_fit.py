@@ -136,6 +136,20 @@ def test_steps_per_call_sees_the_same_batches(tmp_path):
     chex.assert_equal(int(four.step), int(one.step))
 
 
+def test_progress_refresh_does_not_shorten_calls():
+    calls = [0]
+
+    def counting_step(ts, batch):
+        calls[0] += 1  # once per trace inside the scan, once per single step
+        return STEP(ts, batch)
+
+    _, history = _fit(
+        counting_step, steps=16, steps_per_call=4, log_every=16, progress_every=3
+    )
+    chex.assert_equal(calls[0], 1)  # four 4-step calls, one trace, no single steps
+    chex.assert_equal([e["step"] for e in history], [16])
+
+
 def _numpy_eval(params):
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
     logits = np.tanh(EVAL["x"] @ p["w1"] + p["b1"][None, :]) @ p["w2"]
