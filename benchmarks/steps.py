@@ -52,6 +52,7 @@ from _workloads import (
 )
 from jax.nn import initializers
 
+STEPS_PER_CALL = (10, 100)  # K for make_train_step(..., steps_per_call=K)
 LOSS_ATOL = 1e-4  # first-step losses of all variants must agree this closely
 # one instruction of the optimized HLO text, e.g. "  %add.0 = f32[8,5]{1,0} add(..."
 HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+ = .*?\s[a-z][\w\-]*\(", re.M)
@@ -171,14 +172,19 @@ def bench_workload(wl, args, probe) -> None:
     ]
     if not args.no_peers:
         variants += [v for p in PEERS if (v := p(wl, ws, x, y)) is not None]
+    multi = []  # make_train_step(steps_per_call=K), in the same rounds
+    if wl.name == "mlp-tiny" and not args.no_dispatch:
+        multi = [train_step_variant(wl, ws, x, y, k) for k in STEPS_PER_CALL]
     stats = {v.name: compiled_stats(v) for v in variants}
-    losses = {v.name: v.run(1) for v in variants}  # also compiles each step
+    losses = {v.name: v.run(1) for v in variants + multi}  # also compiles
     ref = losses[variants[0].name]
     for name, loss in losses.items():
         if abs(loss - ref) > LOSS_ATOL:
             print(f"  WARNING: {name} first-step loss {loss} != {ref}", file=sys.stderr)
     n = calibrate(variants, args.round_s)
-    per_step, ratio, vs_probe = interleave(variants, args.rounds, n, probe[0])
+    if multi:  # each K-step call must be whole
+        n = -(-n // max(STEPS_PER_CALL)) * max(STEPS_PER_CALL)
+    per_step, ratio, vs_probe = interleave(variants + multi, args.rounds, n, probe[0])
     flops = stats[variants[0].name].get("flops")
     print(f"\n### {wl.name}: {wl.kind} {wl.sizes or ''} batch {wl.batch} {wl.note}")
     print(f"\n{args.rounds} rounds x {n} steps; first-step loss {ref:.6f}\n")
@@ -199,28 +205,22 @@ def bench_workload(wl, args, probe) -> None:
             f"{fmt(s.get('bytes') and s['bytes'] / 2**20, '.2f')} | "
             f"{fmt(mb and mb / 2**20, '.2f')} | {fmt(s.get('hlo'), 'd')} |"
         )
-    if wl.name == "mlp-tiny" and not args.no_dispatch:
-        dispatch(wl, ws, x, y, variants, per_step, args)
+    if multi:
+        dispatch(variants, multi, per_step, ratio)
 
 
-def dispatch(wl, ws, x, y, variants, per_step, args) -> None:
-    """µs per step of make_train_step with steps_per_call=K on the tiny MLP."""
-    ks = (1, 10, 100)
-    multi = [train_step_variant(wl, ws, x, y, k) for k in ks]
-    calls = [calibrate([v], args.round_s) for v in multi]  # also compiles
-    times = {v.name: [] for v in multi}
-    for _ in range(args.rounds):
-        for v, k, n in zip(multi, ks, calls):
-            times[v.name].append(clock(lambda v=v, n=n: v.run(n)) / n / k)
-    ours = {v.name: statistics.median(times[v.name]) for v in multi}
-    peers = {v.name: per_step[v.name] for v in variants[3:]}
-    fastest = min(peers, key=peers.get) if peers else None
-    print("\n#### tiny MLP: steps per call\n")
-    print("| variant | us/step | fastest peer / this |")
-    print("|---|---:|---:|")
-    for name, t in list(ours.items()) + [(k, per_step[k]) for k in per_step]:
-        speedup = fmt(fastest and peers[fastest] / t, ".1f")
-        print(f"| {name} | {t * 1e6:,.1f} | {speedup} |")
+def dispatch(variants, multi, per_step, ratio) -> None:
+    """µs per step of make_train_step with steps_per_call=K, from the same rounds."""
+    peers = [v.name for v in variants[3:]]
+    fastest = min(peers, key=lambda k: ratio[k]) if peers else None
+    print(f"\n#### steps per call (fastest peer by median ratio: {fastest})\n")
+    print("| variant | ratio to JAX | us/step | fastest peer ratio / this ratio |")
+    print("|---|---:|---:|---:|")
+    for name in [v.name for v in variants[:3] + multi] + peers:
+        speedup = fmt(fastest and ratio[fastest] / ratio[name], ".1f")
+        print(
+            f"| {name} | {ratio[name]:.2f} | {per_step[name] * 1e6:,.1f} | {speedup} |"
+        )
 
 
 def eager_costs(args) -> None:
