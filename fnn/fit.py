@@ -230,7 +230,8 @@ def fit(
     # exact steps. The bar refreshes at the first call ending past a multiple
     # of progress_every instead, so it never shortens a call.
     grid = [log_every]
-    grid += [v for v in (eval_every, checkpoint_every) if v is not None]
+    grid += [eval_every] if eval_every and eval_step is not None else []
+    grid += [checkpoint_every] if checkpoint_every and checkpoint_dir else []
 
     ckpt = (
         None
