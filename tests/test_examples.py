@@ -1,0 +1,143 @@
+"""Every script in examples/ runs in its quick mode and keeps its promises.
+
+Each example runs in a subprocess (``sys.executable``, working directory a fresh
+``tmp_path``, pictures written under it with ``--out``), with JAX's rank
+promotion an error as in the rest of the suite. The test checks the exit
+status, the documented last line, and the PNG files the example promises. A new
+example must be added to ``SPECS``: a test fails for any script without one.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import NamedTuple
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+TIMEOUT_S = 120  # per example; a quick run takes seconds
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def beats_unigram_baseline(lines: list[str]) -> None:
+    baseline = float(next(s for s in lines if s.startswith("unigram")).split()[-1])
+    perplexity = float(lines[-1].split()[-1])
+    # even a few quick steps must beat predicting each character by frequency
+    assert perplexity < baseline, (perplexity, baseline)
+
+
+def padding_changes_nothing(lines: list[str]) -> None:
+    checks = [s for s in lines if "max |logit difference|" in s]
+    assert len(checks) == 2, lines  # mean and max pooling
+    assert all(float(s.split()[-1]) == 0.0 for s in checks), checks
+
+
+def one_layer_fails_xor(lines: list[str]) -> None:
+    one = float(lines[0].removeprefix("one layer accuracy: "))
+    assert one <= 0.75  # no line separates XOR: at best 3 of 4 points
+
+
+class Spec(NamedTuple):
+    args: tuple[str, ...]  # besides --quick; "{tmp}" is the tmp_path
+    last_line: str  # a regular expression the whole last line must match
+    pngs: tuple[str, ...] = ()  # files under tmp_path the run must write
+    check: Callable[[list[str]], None] | None = None  # more checks of stdout
+
+
+SPECS = {
+    "activations.py": Spec(
+        ("--out", "{tmp}/plots"),
+        r"plotted \d+ activations",
+        ("plots/activations.png",),
+    ),
+    "bag_of_embeddings.py": Spec(
+        ("--out", "{tmp}/bag.png"),
+        r"test accuracy: [01]\.\d{4}",
+        ("bag.png",),
+        padding_changes_nothing,
+    ),
+    "char_lm.py": Spec(
+        ("--out", "{tmp}"),
+        r"validation perplexity: \d+\.\d{2}",
+        ("char_lm.png",),
+        beats_unigram_baseline,
+    ),
+    "custom_gradient.py": Spec((), r"planted bug caught: True"),
+    "data_parallel.py": Spec(("--devices", "2"), r"test accuracy: [01]\.\d{4}"),
+    "digits.py": Spec(
+        ("--out", "{tmp}/digits.png", "--no-progress"),
+        r"test accuracy: [01]\.\d{4}",
+        ("digits.png",),
+    ),
+    "digits_cnn.py": Spec(
+        ("--out", "{tmp}/cnn.png"), r"test accuracy: [01]\.\d{4}", ("cnn.png",)
+    ),
+    "regression.py": Spec(
+        ("--out", "{tmp}/fit.png"),
+        r"test mse: \d+\.\d{4}",
+        ("fit.png", "fit_grid.png"),
+    ),
+    "xor.py": Spec(
+        ("--out", "{tmp}/xor.png"),
+        r"accuracy: 1\.00",
+        ("xor.png",),
+        one_layer_fails_xor,
+    ),
+}
+
+
+def run_example(name: str, tmp_path: pathlib.Path) -> list[str]:
+    """Runs ``examples/name --quick``; returns its stdout lines."""
+    args = [a.format(tmp=tmp_path) for a in SPECS[name].args]
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(
+            p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p
+        ),
+        JAX_NUMPY_RANK_PROMOTION="raise",
+    )
+    run = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), "--quick", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=TIMEOUT_S,
+    )
+    assert run.returncode == 0, f"{name} failed:\n{run.stdout}\n{run.stderr[-4000:]}"
+    lines = run.stdout.strip().splitlines()
+    assert lines, f"{name} printed nothing; stderr:\n{run.stderr[-4000:]}"
+    return lines
+
+
+def test_every_example_has_a_spec():
+    scripts = {p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_")}
+    assert scripts - set(SPECS) == set(), "add these examples to SPECS"
+    assert set(SPECS) - scripts == set(), "these SPECS name no example"
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_example_runs_quick(name, tmp_path):
+    if not (EXAMPLES / name).exists():
+        pytest.fail(f"examples/{name} is missing")
+    spec = SPECS[name]
+    lines = run_example(name, tmp_path)
+    assert re.fullmatch(spec.last_line, lines[-1]), (
+        f"{name}: last line {lines[-1]!r} does not match {spec.last_line!r}"
+    )
+    for png in spec.pngs:
+        path = tmp_path / png
+        assert path.is_file(), f"{name} did not write {png}"
+        assert path.read_bytes()[:8] == PNG_MAGIC, f"{name}: {png} is not a PNG"
+    # nothing written outside tmp_path: the working directory holds only the
+    # promised files (and the folders they are in)
+    written = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()}
+    assert written == set(spec.pngs), f"{name} wrote {sorted(written)}"
+    if spec.check is not None:
+        spec.check(lines)
