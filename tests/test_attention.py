@@ -162,6 +162,9 @@ def test_params_are_readable_and_batch_survives():
     layer = fnn.MultiHeadAttention(2, qkv_features=4, out_features=3)
     shape, params = layer.init(jax.random.key(0), (-1, 5, 6))
     assert shape == (-1, 5, 3)
+    # shapes given as lists work as tuples (e.g. read back from JSON)
+    assert layer.init(jax.random.key(0), [-1, 5, 6])[0] == (-1, 5, 3)
+    assert layer.init(jax.random.key(0), [[-1, 5, 6], [-1, 2, 4]])[0] == (-1, 5, 3)
     chex.assert_trees_all_equal_shapes(
         params,
         {

@@ -214,7 +214,9 @@ def MultiHeadAttention(
         )
 
     def init_fn(key, input_shape):
-        if is_shape(input_shape) or isinstance(input_shape, list):
+        if isinstance(input_shape, list):
+            input_shape = tuple(input_shape)
+        if is_shape(input_shape):
             q_shape = kv_shape = check_shape(desc, input_shape, min_rank=3)
         else:
             q_shape, kv_shape = check_shapes(desc, input_shape, 2)
