@@ -70,7 +70,7 @@ def _child_keys(combinator: str, layers: tuple[Layer, ...]) -> list[str]:
     return keys
 
 
-def _check_layers(combinator: str, layers: tuple[Any, ...]) -> tuple[Layer, ...]:
+def as_layers(combinator: str, layers: tuple[Any, ...]) -> tuple[Layer, ...]:
     out = []
     for i, l in enumerate(layers):
         if not (isinstance(l, tuple) and len(l) == 2 and all(map(callable, l))):
@@ -108,7 +108,7 @@ def serial(*layers: Layer) -> Layer:
       >>> net.apply(params, jnp.ones((5, 3))).shape
       (5, 2)
     """
-    layers = _check_layers("serial", layers)
+    layers = as_layers("serial", layers)
     keys = _child_keys("serial", layers)
     places = [f"serial[{i}]" for i in range(len(layers))]
 
@@ -144,7 +144,7 @@ def parallel(*layers: Layer) -> Layer:
       >>> net.init(jax.random.key(0), ((-1, 4), (-1, 5)))[0]
       ((-1, 2), (-1, 3))
     """
-    layers = _check_layers("parallel", layers)
+    layers = as_layers("parallel", layers)
     keys = _child_keys("parallel", layers)
     desc = f"parallel({len(layers)} layers)"
 
@@ -283,7 +283,7 @@ def residual(layer: Layer) -> Layer:
       >>> shape, list(params)
       ((-1, 4), ['serial'])
     """
-    (layer,) = _check_layers("residual", (layer,))
+    (layer,) = as_layers("residual", (layer,))
     k = getattr(layer[0], "fnn_key", None) or layer_name(layer)
     desc = f"residual({describe(layer)})"
 

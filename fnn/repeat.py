@@ -5,10 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fnn.combinators import _check_layers
+from fnn.combinators import as_layers
 from fnn.core import (
     Layer,
-    ShapeError,
     apply_child,
     describe,
     fail,
@@ -17,7 +16,7 @@ from fnn.core import (
     make_layer,
     shapes_agree,
 )
-from fnn.state import declare_state, read_state, run_apply, run_init, write_state
+from fnn.state import declare_state, peek_state, run_apply, run_init, write_state
 
 
 def repeat(layer: Layer, n: int) -> Layer:
@@ -63,7 +62,7 @@ def repeat(layer: Layer, n: int) -> Layer:
     """
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"repeat: expected a positive number of copies, got {n!r}.")
-    (layer,) = _check_layers("repeat", (layer,))
+    (layer,) = as_layers("repeat", (layer,))
     k = getattr(layer[0], "fnn_key", None) or layer_name(layer)
     desc = f"repeat({describe(layer)}, n={n})"
     place = f"repeat[0:{n}]"
@@ -92,10 +91,7 @@ def repeat(layer: Layer, n: int) -> Layer:
         return input_shape, {k: params}
 
     def apply_fn(params, x, *, key=None, **kwargs):
-        try:
-            state = read_state(desc)
-        except ShapeError:
-            state = None  # a stateless layer, or no fnn.with_state around
+        state = peek_state()  # None: a stateless layer, or no fnn.with_state
 
         def body(x, inputs):
             p, s, i = inputs

@@ -126,6 +126,16 @@ def read_state(desc: str) -> Any:
     return value
 
 
+def peek_state() -> Any:
+    """The state of the layer being applied, or ``None`` when it has none.
+
+    For layers that may or may not hold state (``repeat`` of any layer): no
+    error outside :func:`with_state` or for a stateless child.
+    """
+    frame = _FRAME.get()
+    return None if frame is None else _get(frame.state_in, _rel_keys(frame))
+
+
 def write_state(desc: str, value: Any) -> None:
     """Sets the new state of the layer being applied."""
     frame = _FRAME.get()
