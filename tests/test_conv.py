@@ -226,7 +226,7 @@ def conv_configs(draw):
     return ks, strides, dilation, padding, spatial, transpose
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(conv_configs())
 def test_init_shape_equals_eval_shape(config):
     ks, strides, dilation, padding, spatial, transpose = config

@@ -279,3 +279,23 @@ def test_shape_errors():
     _, params, state = model.init(jax.random.key(0), (-1, 4))
     with pytest.raises(fnn.ShapeError, match="expected a mask broadcastable"):
         model.apply(params, state, jnp.ones((2, 4)), train=True, mask=jnp.ones(3))
+
+
+def test_running_statistics_carried_through_scan():
+    momentum = 0.8
+    model = fnn.with_state(fnn.BatchNorm(momentum=momentum))
+    _, params, state = model.init(jax.random.key(0), (-1, 2))
+    xs = 1.0 + jax.random.normal(jax.random.key(1), (3, 6, 2))  # 3 batches
+
+    def body(state, x):
+        y, state = model.apply(params, state, x, train=True)
+        return state, y
+
+    final, _ = jax.jit(lambda s: jax.lax.scan(body, s, xs))(state)
+    mean, var = np.zeros(2), np.ones(2)
+    for x in np.asarray(xs, np.float64):
+        mean = momentum * mean + (1 - momentum) * x.mean(0)
+        var = momentum * var + (1 - momentum) * x.var(0)
+    chex.assert_trees_all_close(
+        final, {"mean": mean, "var": var}, rtol=RTOL_F32, atol=ATOL_F32
+    )
