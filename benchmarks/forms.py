@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -73,6 +74,36 @@ def make_step(forward, loss, tx, donate=True):
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
+def make_step_extra(forward, tx, *, key: bool, cond: bool):
+    """The donated step plus what ``fnn.make_train_step`` adds: a typed PRNG key
+    split every step (the key rides in the optimizer-state slot) and/or the
+    update under ``lax.cond`` (fnn skips a batch whose weight is zero)."""
+
+    def step(params, state, x, y):
+        opt_state, k = state
+        if key:
+            k, _ = jax.random.split(k)
+        value, grads = jax.value_and_grad(lambda p: xent(forward(p, x), y))(params)
+        updates, new_opt = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        if cond:
+            new_params, new_opt = jax.lax.cond(
+                value > 0, lambda: (new_params, new_opt), lambda: (params, opt_state)
+            )
+        return new_params, (new_opt, k), value
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+class WithKey(NamedTuple):
+    """Stands in for the optimizer in ``loop_variant``: state ``(adam, key)``."""
+
+    tx: optax.GradientTransformation
+
+    def init(self, params):
+        return self.tx.init(params), jax.random.key(0)
+
+
 def transposed(params):
     return [{"w": p["w"].T.copy(), "b": p["b"].copy()} for p in params]
 
@@ -97,6 +128,12 @@ def variants(wl):
         loop_variant(name, make_step(f, loss, tx, donate), prep(p), tx, x, y)
         for name, f, loss, donate, prep in forms
     ]
+    for name, key, cond in (
+        ("x @ w, + typed key split", True, False),
+        ("x @ w, + lax.cond update", False, True),
+    ):
+        step = make_step_extra(mlp_in_out, tx, key=key, cond=cond)
+        out.append(loop_variant(name, step, fresh(p), WithKey(tx), x, y))
     out.append(fnn_variant(wl, ws, x, y))
     eqx_variant = equinox(wl, ws, x, y)
     return out + ([eqx_variant] if eqx_variant else [])
