@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from fnn.core import Layer, check_shape, fail, make_layer, signature
+from fnn.core import Layer, fail, make_layer, signature
+from fnn.shapes import check_shape
 
 
 def sigmoid(x: ArrayLike) -> jax.Array:

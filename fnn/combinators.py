@@ -15,15 +15,13 @@ import jax.numpy as jnp
 from fnn.core import (
     Layer,
     apply_child,
-    check_shape,
-    check_shapes,
     describe,
     fail,
     init_child,
     layer_name,
     make_layer,
-    shapes_agree,
 )
+from fnn.shapes import check_shape, check_shapes, shapes_agree
 
 
 def named(name: str, layer: Layer) -> Layer:

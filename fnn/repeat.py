@@ -14,8 +14,8 @@ from fnn.core import (
     init_child,
     layer_name,
     make_layer,
-    shapes_agree,
 )
+from fnn.shapes import shapes_agree
 from fnn.state import declare_state, peek_state, run_apply, run_init, write_state
 
 

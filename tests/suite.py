@@ -24,7 +24,7 @@ import numpy as np
 from jax.test_util import check_grads
 
 import fnn
-from fnn.core import is_shape
+from fnn.shapes import is_shape
 
 BATCH = 3
 # Tolerances: jit may fuse and reorder float32 arithmetic.

@@ -17,16 +17,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fnn.core import (
-    Layer,
-    check_shape,
-    fail,
-    make_layer,
-    signature,
-    window_padding,
-    window_tuple,
-)
+from fnn.core import Layer, fail, make_layer, signature
 from fnn.layers.conv import check_spatial_input, check_spatial_rank, kernel_tuple
+from fnn.shapes import check_shape, window_padding, window_tuple
 
 # --- masked reductions ----------------------------------------------------------
 

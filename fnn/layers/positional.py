@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.nn import initializers
 
-from fnn.core import Layer, check_shape, expand_left, fail, make_layer, signature
+from fnn.core import Layer, fail, make_layer, signature
+from fnn.shapes import check_shape, expand_left
 
 
 def _check_positive(owner: str, name: str, v: Any, optional: bool = False) -> None:

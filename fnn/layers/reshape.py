@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 
-from fnn.core import Layer, check_shape, fail, make_layer, signature
+from fnn.core import Layer, fail, make_layer, signature
+from fnn.shapes import check_shape
 
 
 def Identity() -> Layer:

@@ -1,0 +1,171 @@
+"""Shape helpers shared by layers: checks at init and at trace time, windows.
+
+All of them run in Python while tracing; a jitted step pays nothing for them.
+Failures go through :func:`fnn.core.fail`, so they name the layer and its place.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from fnn.core import fail
+
+Shape = tuple[int, ...]
+
+
+def is_shape(s: Any) -> bool:
+    """Whether ``s`` is one shape (a tuple of ints) rather than a tuple of shapes."""
+    return isinstance(s, tuple) and all(isinstance(d, int) for d in s)
+
+
+def check_shape(desc: str, input_shape: Any, *, min_rank: int = 1) -> Shape:
+    """Checks ``input_shape`` is one shape of rank ``>= min_rank``; returns it."""
+    if isinstance(input_shape, list):
+        input_shape = tuple(input_shape)
+    if not is_shape(input_shape):
+        fail(desc, f"expected one input shape (a tuple of ints), got {input_shape!r}.")
+    if len(input_shape) < min_rank:
+        fail(
+            desc,
+            f"expected input of rank at least {min_rank}, got shape {input_shape!r}.",
+        )
+    if any(d < -1 or d == 0 for d in input_shape):
+        fail(
+            desc,
+            f"expected positive dimensions (or -1 for the batch), got {input_shape!r}.",
+        )
+    return input_shape
+
+
+def check_shapes(
+    desc: str, input_shape: Any, n: int | None = None
+) -> tuple[Shape, ...]:
+    """Checks ``input_shape`` is a tuple of ``n`` shapes (any number if None)."""
+    if (
+        not isinstance(input_shape, (tuple, list))
+        or not all(
+            is_shape(tuple(s)) if isinstance(s, (tuple, list)) else False
+            for s in input_shape
+        )
+        or not input_shape
+    ):
+        fail(desc, f"expected a tuple of input shapes, got {input_shape!r}.")
+    shapes = tuple(tuple(s) for s in input_shape)
+    if n is not None and len(shapes) != n:
+        fail(desc, f"expected {n} inputs, got {len(shapes)}: {shapes!r}.")
+    return shapes
+
+
+def dims_agree(a: int, b: int) -> bool:
+    """Whether two dimensions agree, ``-1`` (unknown batch) agreeing with any."""
+    return a == b or a == -1 or b == -1
+
+
+def shapes_agree(a: Sequence[int], b: Sequence[int]) -> bool:
+    """Whether two shapes agree dimension by dimension, ``-1`` being a wildcard."""
+    return len(a) == len(b) and all(dims_agree(x, y) for x, y in zip(a, b))
+
+
+def size(shape: Sequence[int]) -> int:
+    """The number of elements of a shape without unknown (``-1``) dimensions."""
+    return math.prod(shape)
+
+
+def check_input(
+    desc: str, x: Any, expected: Sequence[int], what: str = "input"
+) -> None:
+    """Checks at trace time that ``x.shape`` agrees with ``expected`` (-1 wildcard).
+
+    ``expected`` may be shorter than ``x.shape``; then only the trailing
+    dimensions are compared.
+    """
+    shape = getattr(x, "shape", None)
+    if shape is None:
+        fail(desc, f"expected an array {what}, got {type(x).__name__}.")
+    tail = tuple(shape[len(shape) - len(expected) :]) if len(expected) else ()
+    if len(shape) < len(expected) or not shapes_agree(tail, tuple(expected)):
+        fail(
+            desc,
+            f"expected {what} with trailing dimensions {tuple(expected)!r}, "
+            f"got shape {tuple(shape)!r}.",
+        )
+
+
+def expand_left(a: jax.Array, ndim: int) -> jax.Array:
+    """``a`` reshaped to rank ``ndim`` by adding leading axes of size 1.
+
+    Broadcasting a bias ``(features,)`` against ``(batch, features)`` this way is
+    explicit, so fnn runs under ``jax_numpy_rank_promotion="raise"``.
+
+    Examples:
+      >>> import jax.numpy as jnp, fnn.shapes
+      >>> fnn.shapes.expand_left(jnp.ones(3), 3).shape
+      (1, 1, 3)
+    """
+    return a.reshape((1,) * (ndim - a.ndim) + a.shape)
+
+
+def window_tuple(owner: str, name: str, value: Any, n: int) -> tuple[int, ...]:
+    """Normalises a per-spatial-dimension option (strides, dilation) to ``n`` ints.
+
+    An int means the same value for every spatial dimension; a sequence must
+    have exactly ``n`` positive ints.
+
+    Raises:
+      ValueError: naming ``owner`` and ``name`` otherwise.
+
+    Examples:
+      >>> from fnn.shapes import window_tuple
+      >>> window_tuple("Conv", "strides", 2, 3)
+      (2, 2, 2)
+      >>> window_tuple("Conv", "strides", (1, 2), 2)
+      (1, 2)
+    """
+    items = (value,) * n if isinstance(value, int) else value
+    try:
+        items = tuple(items)
+    except TypeError:
+        items = ()
+    if len(items) != n or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in items
+    ):
+        raise ValueError(
+            f"{owner}: expected {name} to be a positive int or a tuple of {n} "
+            f"positive ints, got {value!r}."
+        )
+    return items
+
+
+def window_padding(owner: str, padding: Any, n: int) -> str | tuple[tuple[int, int]]:
+    """Normalises ``padding``: ``"SAME"``, ``"VALID"`` or ``n`` ``(low, high)`` pairs.
+
+    Raises:
+      ValueError: naming ``owner`` for anything else.
+
+    Examples:
+      >>> from fnn.shapes import window_padding
+      >>> window_padding("Conv", "same", 2)
+      'SAME'
+      >>> window_padding("Conv", [(1, 1), (0, 2)], 2)
+      ((1, 1), (0, 2))
+    """
+    if isinstance(padding, str):
+        if padding.upper() in ("SAME", "VALID"):
+            return padding.upper()
+    else:
+        try:
+            pairs = tuple(tuple(p) for p in padding)
+        except TypeError:
+            pairs = ()
+        if len(pairs) == n and all(
+            len(p) == 2 and all(isinstance(v, int) and v >= 0 for v in p) for p in pairs
+        ):
+            return pairs
+    raise ValueError(
+        f"{owner}: expected padding 'SAME', 'VALID' or {n} (low, high) pairs of "
+        f"non-negative ints, got {padding!r}."
+    )
