@@ -153,6 +153,15 @@ __all__ = [
     # summary
     "count_params",
     "summary",
+    # train and data
+    "GradSums",
+    "TrainState",
+    "accumulate_gradients",
+    "apply_gradients",
+    "data",
+    "evaluate",
+    "make_eval_step",
+    "make_train_step",
     # activations
     "Elu",
     "Gelu",
@@ -184,15 +193,6 @@ __all__ = [
     "correct",
     "one_hot",
     "predict",
-    # train and data
-    "GradSums",
-    "TrainState",
-    "accumulate_gradients",
-    "apply_gradients",
-    "data",
-    "evaluate",
-    "make_eval_step",
-    "make_train_step",
     # attention, recurrent, positional, repeat
     "Cell",
     "GRUCell",
