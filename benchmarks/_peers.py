@@ -6,9 +6,8 @@ under ``jax.vmap``, ``eqx.filter_jit`` and ``eqx.filter_value_and_grad``.
 Haiku: ``hk.transform`` and a ``jax.jit`` step. stax: ``stax.serial`` with
 ``jax.example_libraries.optimizers.adam``. Each starts from the shared numpy
 weights of ``_workloads.weights`` and reports its own loss, so a wrong port
-shows up as a first-step loss that differs from hand-written JAX.
-
-A builder returns None when its library is not installed.
+shows up as a first-step loss that differs from hand-written JAX. A builder
+returns None when its library is not installed.
 """
 
 from __future__ import annotations
@@ -372,14 +371,11 @@ def stax(wl: Workload, ws, x, y) -> Variant:
 
 
 def torch_(wl: Workload, ws, x, y) -> Variant | None:
-    """PyTorch, eager, when installed (it is not a dependency of fnn)."""
-    if not installed("torch"):
+    """PyTorch, eager, for the MLPs, when installed (fnn does not depend on it)."""
+    if wl.kind != "mlp" or not installed("torch"):
         return None
     import torch
 
-    if wl.kind != "mlp":
-        return None
-    torch.manual_seed(0)
     mods = []
     for i, (w, b) in enumerate(ws):
         lin = torch.nn.Linear(*w.shape)
