@@ -15,8 +15,8 @@ swish and softplus are smooth versions of ReLU; hard tanh passes gradient only
 inside ``[-1, 1]``.
 
 The script checks that it covers every activation function fnn exports, saves
-the panels as a PNG and ends with ``plotted 11 activations`` (measured: about
-5 s, ``python examples/activations.py``).
+the panels as a PNG and ends with ``plotted 11 activations`` (measured: 4 s,
+``python examples/activations.py``).
 
 Usage::
 

@@ -28,7 +28,7 @@ word" / "both kinds" as a PNG, and ends with ``test accuracy: 0.xxxx`` for the
 better pooling.
 
 Measured on two CPU cores (``python examples/bag_of_embeddings.py``): test
-accuracy 0.9965 with mean pooling, 0.7885 with max pooling (about 20 s).
+accuracy 1.0000 with mean pooling, 0.7205 with max pooling (11 s).
 
 Usage::
 
@@ -184,9 +184,9 @@ def plot(runs, test_data, both, path: str) -> None:
         accs = [hits[g].mean() for _, g in groups]
         ax_bar.bar(np.arange(2) + (j - 0.5) * width, accs, width, label=name)
     ax_bar.set_xticks(np.arange(2), [g for g, _ in groups])
-    ax_bar.set_ylim(0.4, 1.0)
+    ax_bar.set_ylim(0.4, 1.12)
     ax_bar.set_ylabel("test accuracy")
-    ax_bar.legend(loc="lower left")
+    ax_bar.legend(loc="upper right", ncol=2)
     fig.suptitle("majority of positive vs negative words: mean vs max pooling")
     fig.tight_layout()
     fig.savefig(path, dpi=80)

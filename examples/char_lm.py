@@ -11,8 +11,9 @@ on characters instead of words.
 The text ships with Python: the docstrings of some forty standard-library
 modules and of their public functions and classes (``inspect.getdoc``), about
 270 KB of English about programming, made deterministic by a fixed module list
-and sorted member names. Characters outside printable ASCII become ``?``. The
-last 10% of the text is held out for validation.
+and sorted member names. Characters outside printable ASCII become ``?``. Every
+tenth chunk of 2,048 characters is held out for validation (a split by chunks,
+not a tail, so both halves cover the same modules).
 
 The script prints the unigram baseline (a model that ignores the context and
 predicts each character with its training-set frequency), trains with
@@ -22,7 +23,8 @@ characters with temperature sampling (``jax.random.categorical`` inside a
 ``validation perplexity: X.XX``.
 
 Measured on two CPU cores (``python examples/char_lm.py``): unigram baseline
-perplexity 29.97, validation perplexity 4.67 after 6 epochs (about 60 s).
+perplexity 26.50, validation perplexity 5.10 after 5 epochs (4,825 steps; 15 s
+wall, 18 s of CPU time).
 
 Usage::
 

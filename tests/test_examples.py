@@ -5,6 +5,7 @@ Each example runs in a subprocess (``sys.executable``, working directory a fresh
 promotion an error as in the rest of the suite. The test checks the exit
 status, the documented last line, and the PNG files the example promises. A new
 example must be added to ``SPECS``: a test fails for any script without one.
+The Python blocks of docs/guide.md run too, in order.
 """
 
 from __future__ import annotations
@@ -141,3 +142,14 @@ def test_example_runs_quick(name, tmp_path):
     assert written == set(spec.pngs), f"{name} wrote {sorted(written)}"
     if spec.check is not None:
         spec.check(lines)
+
+
+def test_guide_code_blocks_run():
+    """The Python blocks of docs/guide.md run, in order, in one namespace."""
+    text = (ROOT / "docs" / "guide.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 10, "the guide lost its code blocks"
+    namespace: dict = {}
+    for i, block in enumerate(blocks):
+        # each block asserts its own claims (np.testing, assert)
+        exec(compile(block, f"docs/guide.md block {i}", "exec"), namespace)
