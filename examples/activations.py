@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import matplotlib
 import numpy as np
+from tqdm import tqdm
 
 import fnn
 
@@ -109,7 +110,8 @@ def main(argv=None) -> int:
     x = jnp.linspace(-4.0, 4.0, 401)
     curves = jax.jit(all_curves)(x)  # one compiled program for every curve
     fig, axes = plt.subplots(3, 4, figsize=(12, 7.5), sharex=True)
-    for ax, (name, (_, options)) in zip(axes.flat, ACTIVATIONS.items()):
+    panels = tqdm(ACTIVATIONS.items(), desc="panels", total=len(ACTIVATIONS))
+    for ax, (name, (_, options)) in zip(axes.flat, panels):
         for style, label in zip(("-", "--"), ("", *options)):
             y, dy = curves[name][label]
             suffix = f" ({label})" if label else ""
