@@ -90,6 +90,7 @@ from fnn.train import (
     evaluate,
     make_eval_step,
     make_train_step,
+    step_key,
 )
 
 __version__ = "0.1.0"
@@ -162,6 +163,7 @@ __all__ = [
     "evaluate",
     "make_eval_step",
     "make_train_step",
+    "step_key",
     # activations
     "Elu",
     "Gelu",

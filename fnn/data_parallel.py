@@ -40,6 +40,8 @@ from fnn.train import (
     accumulate_gradients,
     apply_gradients,
     leading_size,
+    scan_steps,
+    step_key,
 )
 
 ENV_COORDINATOR = "FNN_COORDINATOR"
@@ -389,20 +391,10 @@ def make_parallel_train_step(
                 f"devices x accum_steps={accum_steps}; use a batch size that "
                 f"is a multiple of {n * accum_steps}."
             )
-        key, step_key = jax.random.split(ts.key)
-        sums = sharded_sums(ts.params, ts.state, batch, step_key)
-        return apply_gradients(optimizer, ts, sums, key)
+        sums = sharded_sums(ts.params, ts.state, batch, step_key(ts))
+        return apply_gradients(optimizer, ts, sums)
 
-    def many_steps(ts: TrainState, batches: Any) -> tuple[TrainState, Metrics]:
-        k = leading_size(batches, "stacked batch")
-        if k != steps_per_call:
-            raise ValueError(
-                f"{owner}: steps_per_call={steps_per_call} needs batch leaves "
-                f"with a leading axis of {steps_per_call}, got {k}."
-            )
-        return lax.scan(one_step, ts, batches)
-
-    step = one_step if steps_per_call == 1 else many_steps
+    step = scan_steps(one_step, steps_per_call, owner)
     if jit:
         # The new train state comes out replicated like the one that went in.
         out = (NamedSharding(mesh, P()), NamedSharding(mesh, P()))
