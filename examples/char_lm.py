@@ -130,10 +130,12 @@ def sample(model, params, prompt: np.ndarray, key: jax.Array, length: int):
         c = jax.random.categorical(k, logits / TEMPERATURE)
         return jnp.concatenate([window[1:], c[None]]), c
 
-    _, ids = jax.lax.scan(
-        jax.jit(step), jnp.asarray(prompt), jax.random.split(key, length)
-    )
+    _, ids = jax.lax.scan(step, jnp.asarray(prompt), jax.random.split(key, length))
     return np.asarray(ids)
+
+
+def decode(ids) -> str:
+    return "".join(ALPHABET[i] for i in ids)
 
 
 def output_path(out: str, default: str) -> str:
@@ -233,10 +235,7 @@ def main(argv=None) -> float:
     prompt = valid["x"][0]
     drawn = sample(model, state.params, prompt, sample_key, SAMPLE_LENGTH)
     print(f"sample (temperature {TEMPERATURE}), after the prompt:")
-    decode = "".join
-    print(
-        decode(ALPHABET[i] for i in prompt) + "|" + decode(ALPHABET[i] for i in drawn)
-    )
+    print(decode(prompt) + "|" + decode(drawn))
 
     path = output_path(args.out, "char_lm.png")
     plot(history, baseline, path)
