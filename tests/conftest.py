@@ -14,3 +14,8 @@ def _doctest_namespace(doctest_namespace):
     import fnn
 
     doctest_namespace.update(jax=jax, jnp=jnp, fnn=fnn)
+
+
+# Scripts run in subprocesses by the data-parallel tests; importing them here
+# (for --doctest-modules) would run their module-level jax.config updates.
+collect_ignore = ["parallel_scripts"]
