@@ -44,12 +44,13 @@ from fnn.combinators import (
 from fnn.core import Layer, ShapeError, describe, fail, make_layer
 from fnn.data_parallel import (
     data_mesh,
-    initialize,
     make_parallel_train_step,
     psum_fused,
     replicate,
     shard_batch,
 )
+from fnn.distributed import initialize
+from fnn.evaluate import evaluate, make_eval_step
 from fnn.fit import fit
 from fnn.gradcheck import (
     GradCheckEntry,
@@ -87,8 +88,6 @@ from fnn.train import (
     TrainState,
     accumulate_gradients,
     apply_gradients,
-    evaluate,
-    make_eval_step,
     make_train_step,
     step_key,
 )

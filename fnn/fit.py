@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from fnn import data
 from fnn.checkpoint import Checkpointer
+from fnn.evaluate import evaluate
 from fnn.history import (
     History,
     MetricLog,
@@ -38,7 +39,7 @@ from fnn.history import (
     non_finite_error,
     write_history,
 )
-from fnn.train import evaluate, leading_size
+from fnn.train import leading_size
 
 __all__ = ["fit"]
 

@@ -14,7 +14,7 @@ gradient of the whole batch (a mean of per-microbatch means does not).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -26,10 +26,8 @@ from fnn.accumulate import (
     GradSums,
     LossFn,
     accumulate_gradients,
-    accumulator_dtype,
     leading_size,
     safe_divide,
-    unpack_loss_output,
 )
 
 __all__ = [
@@ -38,9 +36,7 @@ __all__ = [
     "TrainState",
     "accumulate_gradients",
     "apply_gradients",
-    "evaluate",
     "leading_size",
-    "make_eval_step",
     "make_train_step",
     "metrics_from_sums",
     "safe_divide",
@@ -326,104 +322,3 @@ def make_train_step(
     if jit:
         step = jax.jit(step, donate_argnums=(0,) if donate else ())
     return step
-
-
-def make_eval_step(
-    metric_fn: LossFn, *, has_state: bool = False, jit: bool = True
-) -> Callable[..., Metrics]:
-    """Builds ``eval_step(params_or_train_state, batch, state=None) -> sums``.
-
-    ``metric_fn`` follows the loss protocol and is called with ``key=None``
-    (inference: dropout off), so the training loss function can be reused. The
-    step returns *sums* ``{"loss": loss_sum, "weight": weight, **aux}``;
-    :func:`evaluate` adds them over batches and divides once, so a padded,
-    masked last batch gives the exact mean.
-
-    Args:
-      metric_fn: ``metric_fn(params, batch, key) -> (loss_sum, weight[, aux])``,
-        or with ``has_state``, ``metric_fn(params, state, batch, key) -> (out,
-        new_state)`` (the new state is discarded).
-      has_state: whether ``metric_fn`` takes the model state.
-      jit: compile the step.
-
-    Returns:
-      The eval step. Given a :class:`TrainState` it reads ``params`` and
-      ``state`` from it; given params, the state comes from ``state=``.
-
-    Examples:
-      >>> import jax.numpy as jnp, fnn
-      >>> def metric_fn(params, batch, key):
-      ...     return jnp.sum(batch["x"] * params), 2.0, {"n": jnp.array(1.0)}
-      >>> step = fnn.make_eval_step(metric_fn)
-      >>> {k: float(v) for k, v in step(jnp.array(3.0), {"x": jnp.ones(2)}).items()}
-      {'loss': 6.0, 'n': 1.0, 'weight': 2.0}
-    """
-
-    def sums_fn(params: Any, state: Any, batch: Any) -> Metrics:
-        if has_state:
-            out, _ = metric_fn(params, state, batch, None)
-        else:
-            out = metric_fn(params, batch, None)
-        loss_sum, weight, aux = unpack_loss_output(out)
-        check_aux_names(aux)
-        sums = {"loss": loss_sum, "weight": weight, **aux}
-        return jax.tree.map(lambda x: jnp.asarray(x, accumulator_dtype(x.dtype)), sums)
-
-    compiled = jax.jit(sums_fn) if jit else sums_fn
-
-    def eval_step(params_or_ts: Any, batch: Any, state: Any = None) -> Metrics:
-        if isinstance(params_or_ts, TrainState):
-            params, state = params_or_ts.params, params_or_ts.state
-        else:
-            params = params_or_ts
-        return compiled(params, {} if state is None else state, batch)
-
-    return eval_step
-
-
-def evaluate(
-    eval_step: Callable[..., Metrics],
-    params_or_train_state: Any,
-    batches: Iterable[Any],
-    *,
-    state: Any = None,
-) -> dict[str, float]:
-    """Means of the metrics over ``batches``: summed on device, divided once.
-
-    Args:
-      eval_step: from :func:`make_eval_step`.
-      params_or_train_state: params, or a :class:`TrainState`.
-      batches: an iterable of batches (e.g. :func:`fnn.data.batches` with
-        ``remainder="pad"``, whose mask the metric function applies).
-      state: the model state when ``params_or_train_state`` is params.
-
-    Returns:
-      ``{"loss": sum / weight, "weight": total weight, name: sum / weight}`` as
-      Python floats (one host transfer at the end).
-
-    Raises:
-      ValueError: when ``batches`` is empty.
-
-    Examples:
-      >>> import jax.numpy as jnp, fnn
-      >>> def metric_fn(params, batch, key):
-      ...     m = batch["mask"]
-      ...     return jnp.sum(jnp.where(m, batch["x"], 0.0)), jnp.sum(m)
-      >>> step = fnn.make_eval_step(metric_fn)
-      >>> data = {"x": jnp.arange(5.0)}
-      >>> fnn.evaluate(step, {}, fnn.data.batches(data, 2, shuffle=False,
-      ...                                         remainder="pad"))
-      {'loss': 2.0, 'weight': 5.0}
-    """
-    total = None
-    for batch in batches:
-        sums = eval_step(params_or_train_state, batch, state)
-        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-    if total is None:
-        raise ValueError("evaluate: got no batches.")
-    total = jax.device_get(total)
-    w = total["weight"]
-    return {
-        k: float(v) if k == "weight" else float(v / w if w > 0 else 0.0)
-        for k, v in total.items()
-    }
