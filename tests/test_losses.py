@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import pathlib
-import subprocess
-import sys
-
 import chex
 import hypothesis.extra.numpy as hnp
 import jax
@@ -398,25 +393,3 @@ def test_cross_entropy_matches_reference_and_is_nonnegative(logits, ids, smoothi
         atol=PROPERTY_TOL_F64,
     )
     assert np.all(loss >= -NONNEGATIVE_SLACK_F64)
-
-
-# --- the xor example --------------------------------------------------------------
-
-
-def test_xor_example_one_layer_fails_two_layers_learn(tmp_path):
-    root = pathlib.Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=str(root))
-    out = tmp_path / "xor.png"
-    run = subprocess.run(
-        [sys.executable, str(root / "examples" / "xor.py"), "--quick", "--out", out],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        check=True,
-    )
-    lines = run.stdout.strip().splitlines()
-    one = float(lines[0].removeprefix("one layer accuracy: "))
-    assert one <= 0.75  # no line separates XOR: at best 3 of 4 points
-    assert lines[-1] == "accuracy: 1.00"
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
