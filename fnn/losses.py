@@ -163,12 +163,20 @@ def softmax_cross_entropy(
                 f"ids, got dtype {labels.dtype}; cast them with .astype(int)."
             )
         labels = _keep(m, labels)
+        # An id outside [0, classes) would silently read another class (-1
+        # wraps to the last) or, smoothed, become a plausible target: its loss
+        # is NaN instead, so a bad label is loud (fit stops on a NaN loss).
+        bad = (labels < 0) | (labels >= classes)
         if label_smoothing == 0.0:
             loss = optax.losses.softmax_cross_entropy_with_integer_labels(
-                logits, labels
+                logits, jnp.where(bad, 0, labels)
             )
-            return _keep(m, loss)
-        labels = jax.nn.one_hot(labels, classes, dtype=logits.dtype)
+        else:
+            target = optax.losses.smooth_labels(
+                jax.nn.one_hot(labels, classes, dtype=logits.dtype), label_smoothing
+            )
+            loss = optax.losses.softmax_cross_entropy(logits, target)
+        return _keep(m, jnp.where(bad, jnp.nan, loss))
     elif labels.shape == logits.shape:
         labels = _keep(None if m is None else m[..., None], labels.astype(logits.dtype))
     else:

@@ -393,3 +393,15 @@ def test_cross_entropy_matches_reference_and_is_nonnegative(logits, ids, smoothi
         atol=PROPERTY_TOL_F64,
     )
     assert np.all(loss >= -NONNEGATIVE_SLACK_F64)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_out_of_range_labels_are_nan_unless_masked(smoothing):
+    logits = jnp.zeros((3, 4))
+    labels = jnp.array([0, 4, -1])
+    loss = fnn.losses.softmax_cross_entropy(logits, labels, label_smoothing=smoothing)
+    assert np.isfinite(loss[0]) and np.isnan(loss[1]) and np.isnan(loss[2])
+    masked = fnn.losses.softmax_cross_entropy(
+        logits, labels, jnp.array([True, False, False]), label_smoothing=smoothing
+    )
+    np.testing.assert_array_equal(np.isfinite(masked), [True, True, True])
