@@ -258,13 +258,17 @@ def fnn_loss(model: fnn.Layer) -> Callable:
     return loss_fn
 
 
-def train_step_variant(wl: Workload, ws, x, y, k: int = 1) -> Variant:
+def train_step_variant(
+    wl: Workload, ws, x, y, k: int = 1, grad_norm: bool = True
+) -> Variant:
     """``fnn.make_train_step``; with ``k > 1`` the batch is repeated ``k`` times
     along a new leading axis, each call takes ``k`` steps and ``run(n)`` makes
     ``n // k`` calls (at least one); it returns the first loss of the last call."""
     model, params = fnn_params(wl, ws)
     tx = optax.adam(LR)
-    step = fnn.make_train_step(fnn_loss(model), tx, steps_per_call=k)
+    step = fnn.make_train_step(
+        fnn_loss(model), tx, steps_per_call=k, grad_norm=grad_norm
+    )
     box = [fnn.TrainState.create(params, tx, key=jax.random.key(0))]
     data = (jnp.asarray(x), jnp.asarray(y))
     if k > 1:
@@ -277,5 +281,8 @@ def train_step_variant(wl: Workload, ws, x, y, k: int = 1) -> Variant:
         box[0] = ts
         return float(metrics["loss"].reshape(-1)[0])
 
-    name = "fnn.make_train_step" + (f" (steps_per_call={k})" if k > 1 else "")
+    opts = ([f"steps_per_call={k}"] if k > 1 else []) + (
+        [] if grad_norm else ["grad_norm=False"]
+    )
+    name = "fnn.make_train_step" + (f" ({', '.join(opts)})" if opts else "")
     return Variant(name, run, lambda: step.lower(box[0], data))

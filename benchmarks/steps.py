@@ -53,6 +53,7 @@ from _workloads import (
 from jax.nn import initializers
 
 STEPS_PER_CALL = (10, 100)  # K for make_train_step(..., steps_per_call=K)
+N_OURS = 4  # hand-written JAX, fnn (apply), make_train_step with/without grad_norm
 LOSS_ATOL = 1e-4  # first-step losses of all variants must agree this closely
 # one instruction of the optimized HLO text, e.g. "  %add.0 = f32[8,5]{1,0} add(..."
 HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+ = .*?\s[a-z][\w\-]*\(", re.M)
@@ -169,12 +170,17 @@ def bench_workload(wl, args, probe) -> None:
         hand_variant(wl, ws, x, y),
         fnn_variant(wl, ws, x, y),
         train_step_variant(wl, ws, x, y),
+        train_step_variant(wl, ws, x, y, grad_norm=False),
     ]
     if not args.no_peers:
         variants += [v for p in PEERS if (v := p(wl, ws, x, y)) is not None]
     multi = []  # make_train_step(steps_per_call=K), in the same rounds
     if wl.name == "mlp-tiny" and not args.no_dispatch:
-        multi = [train_step_variant(wl, ws, x, y, k) for k in STEPS_PER_CALL]
+        multi = [
+            train_step_variant(wl, ws, x, y, k, grad_norm)
+            for k in STEPS_PER_CALL
+            for grad_norm in (True, False)
+        ]
     stats = {v.name: compiled_stats(v) for v in variants}
     losses = {v.name: v.run(1) for v in variants + multi}  # also compiles
     ref = losses[variants[0].name]
@@ -211,12 +217,12 @@ def bench_workload(wl, args, probe) -> None:
 
 def dispatch(variants, multi, per_step, ratio) -> None:
     """µs per step of make_train_step with steps_per_call=K, from the same rounds."""
-    peers = [v.name for v in variants[3:]]
+    peers = [v.name for v in variants[N_OURS:]]
     fastest = min(peers, key=lambda k: ratio[k]) if peers else None
     print(f"\n#### steps per call (fastest peer by median ratio: {fastest})\n")
     print("| variant | ratio to JAX | us/step | fastest peer ratio / this ratio |")
     print("|---|---:|---:|---:|")
-    for name in [v.name for v in variants[:3] + multi] + peers:
+    for name in [v.name for v in variants[:N_OURS] + multi] + peers:
         speedup = fmt(fastest and ratio[fastest] / ratio[name], ".1f")
         print(
             f"| {name} | {ratio[name]:.2f} | {per_step[name] * 1e6:,.1f} | {speedup} |"

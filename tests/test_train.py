@@ -304,3 +304,28 @@ def test_aux_may_not_shadow_metric_names():
         fnn.make_train_step(loss, opt)(ts, make_batch(0))
     with pytest.raises(ValueError, match=r"may not use the names \['loss'\]"):
         fnn.make_eval_step(loss)(ts, make_batch(0))
+
+
+def test_grad_norm_false_drops_only_that_metric():
+    with jax.enable_x64(True):
+        opt = optax.adam(0.05)
+        out = []
+        for grad_norm in (True, False):
+            ts = fnn.TrainState.create(make_params(), opt, key=jax.random.key(0))
+            step = fnn.make_train_step(
+                linear_loss, opt, accum_steps=3, steps_per_call=2, grad_norm=grad_norm
+            )
+            batches = [jax.tree.map(jnp.asarray, make_batch(s)) for s in range(2)]
+            ts, metrics = step(ts, next(fnn.data.stack(batches, 2)))
+            out.append((ts, metrics))
+        (ts_on, m_on), (ts_off, m_off) = out
+        assert set(m_on) - set(m_off) == {"grad_norm"}
+        assert {"loss", "weight"} <= set(m_off)
+        chex.assert_trees_all_close(
+            (ts_off.params, m_off),
+            (ts_on.params, {k: m_on[k] for k in m_off}),
+            rtol=EXACT_RTOL_F64,
+            atol=EXACT_RTOL_F64,
+        )
+    with pytest.raises(ValueError, match="grad_norm=False is not supported"):
+        fnn.make_train_step(linear_loss, opt, grad_norm=False, mesh=object())
