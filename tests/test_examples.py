@@ -44,6 +44,14 @@ def one_layer_fails_xor(lines: list[str]) -> None:
     assert one <= 0.75  # no line separates XOR: at best 3 of 4 points
 
 
+def no_false_alarm(lines: list[str]) -> None:
+    assert "correct custom_vjp, point by point: 0 points fail" in lines, lines
+
+
+def ran_on_two_devices(lines: list[str]) -> None:
+    assert "devices: 2, processes: 1" in lines, lines
+
+
 class Spec(NamedTuple):
     args: tuple[str, ...]  # besides --quick; "{tmp}" is the tmp_path
     last_line: str  # a regular expression the whole last line must match
@@ -69,8 +77,18 @@ SPECS = {
         ("char_lm.png",),
         beats_unigram_baseline,
     ),
-    "custom_gradient.py": Spec((), r"planted bug caught: True"),
-    "data_parallel.py": Spec(("--devices", "2"), r"test accuracy: [01]\.\d{4}"),
+    "custom_gradient.py": Spec(
+        ("--out", "{tmp}"),
+        r"planted bug caught: True",
+        ("custom_gradient.png",),
+        no_false_alarm,
+    ),
+    "data_parallel.py": Spec(
+        ("--devices", "2", "--out", "{tmp}/dp.png"),
+        r"test accuracy: [01]\.\d{4}",
+        ("dp.png",),
+        ran_on_two_devices,
+    ),
     "digits.py": Spec(
         ("--out", "{tmp}/digits.png", "--no-progress"),
         r"test accuracy: [01]\.\d{4}",
