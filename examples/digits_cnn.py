@@ -13,8 +13,9 @@ dropout, BatchNorm's running statistics. The script saves the loss and accuracy
 curves and some test predictions as a PNG and prints ``test accuracy: 0.xxxx``
 as its last line.
 
-Measured (``python examples/digits_cnn.py``, 1500 steps, seed 0, two CPU
-cores): ``test accuracy: 0.9956``, in 38 s of CPU time.
+Measured (``python examples/digits_cnn.py``, 1500 steps, seed 0, two shared
+CPU cores): ``test accuracy: 1.0000`` (all 450 test images), in 29 s of CPU
+time (39 s of wall time); ``--quick`` (10 steps) took 9 s of CPU time.
 
 Usage::
 
