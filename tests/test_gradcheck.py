@@ -334,3 +334,25 @@ def test_check_layer_integer_and_multiple_inputs():
         (init, apply), ((-1,), (-1, 3)), input_dtype=(jnp.int32, jnp.float32)
     )
     assert {e.path for e in report.entries} == {"params['table']", "x[1]"}
+
+
+def test_tiny_derivative_bug_is_caught_next_to_large_outputs():
+    # The tail error at -30 must not hide behind the derivative of ~1 at +30.
+    x = np.array([-30.0, -25.0, 0.0, 30.0])
+    report = expect_bug(_softplus_tail(True), (x,))
+    assert report.failures[0].index in ((0,), (1,))
+    expect_pass(_softplus_tail(False), (x,))
+
+
+def test_exactly_zero_gradient_is_no_false_alarm():
+    # A bias before a normalization has a gradient of exactly 0 that reverse
+    # mode rounds to a few ulps while the finite difference is exactly 0.
+    def f(b, x):
+        h = x + b[None]
+        mu = jnp.mean(h, axis=0, keepdims=True)
+        var = jnp.var(h, axis=0, keepdims=True)
+        return jnp.sum(jnp.sin((h - mu) / jnp.sqrt(var + 1e-5)) * x)
+
+    x = rng(3).normal(size=(4, 3))
+    report = expect_pass(f, (np.zeros(3), x), argnums=(0,))
+    assert max(abs(e.analytic) for e in report.entries) < 1e-12
