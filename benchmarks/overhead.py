@@ -17,7 +17,8 @@ metrics ``loss``/``weight``/``grad_norm`` as a dict, donated train state):
 
 and, as references, ``fnn.make_train_step`` with and without ``grad_norm``,
 the hand-written JAX step of ``steps.py`` (``K = 1``, the ratio's
-denominator) or a hand-written ``lax.scan`` of it (``K > 1``). Interleaved
+denominator) or a hand-written ``lax.scan`` of it (``K > 1``; then also the
+scan with SGD instead of Adam, and of the forward pass only). Interleaved
 rounds, rotating order, medians of per-round ratios; the machine is shared,
 so read ratios, not single times.
 
@@ -125,14 +126,18 @@ def state_variant(name, step, state, data, k) -> Variant:
     return Variant(name, run, lambda: step.lower(box[0], data))
 
 
-def hand_scan_variant(wl, ws, data, k) -> Variant:
+def hand_scan_variant(wl, ws, data, k, part: str = "adam") -> Variant:
     """The hand-written step of ``steps.py``, ``k`` of them in one ``lax.scan``
-    when ``k > 1``; state ``(params, opt_state)``, output the losses."""
-    tx, forward = optax.adam(LR), hand_forward(wl)
+    when ``k > 1``; state ``(params, opt_state)``, output the losses. ``part``
+    "sgd" updates with SGD instead of Adam, "forward" computes the loss only
+    (the parts of the step's cost, for the scan)."""
+    tx, forward = (optax.sgd if part == "sgd" else optax.adam)(LR), hand_forward(wl)
 
     def one(carry, xy):
         params, opt_state = carry
         x, y = xy
+        if part == "forward":
+            return carry, xent(forward(params, x), y)
         loss, grads = jax.value_and_grad(lambda p: xent(forward(p, x), y))(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss
@@ -142,6 +147,7 @@ def hand_scan_variant(wl, ws, data, k) -> Variant:
 
     params = hand_params(wl, ws)
     name = "JAX (hand-written)" + (f", lax.scan of {k}" if k > 1 else "")
+    name += "" if part == "adam" else f", {part} only" if part == "forward" else ", SGD"
     step = jax.jit(step, donate_argnums=(0,))
     return state_variant(name, step, (params, tx.init(params)), data, k)
 
@@ -167,6 +173,8 @@ def variants(k: int) -> list[Variant]:
     for name, drop in DROPS.items():
         step, state = fnn_like(loss_fn, tx, fresh(), k, **{**FULL, **drop})
         out.append(state_variant(name, step, state, data, k))
+    if k > 1:
+        out += [hand_scan_variant(wl, ws, data, k, p) for p in ("sgd", "forward")]
     return out
 
 
