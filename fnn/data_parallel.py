@@ -208,6 +208,7 @@ def make_parallel_train_step(
     steps_per_call: int = 1,
     donate: bool = True,
     jit: bool = True,
+    grad_norm: bool = True,
 ) -> Callable[[TrainState, Any], tuple[TrainState, Metrics]]:
     """The data-parallel twin of :func:`fnn.make_train_step`.
 
@@ -238,6 +239,8 @@ def make_parallel_train_step(
         stacked=True)``.
       donate: donate the input train state's buffers to the output.
       jit: compile the step (``False`` returns the plain function).
+      grad_norm: compute the ``grad_norm`` metric (see
+        :func:`fnn.make_train_step`).
 
     Returns:
       ``step(train_state, batch) -> (train_state, metrics)``; pass a train
@@ -306,7 +309,7 @@ def make_parallel_train_step(
                 f"is a multiple of {n * accum_steps}."
             )
         sums = sharded_sums(ts.params, ts.state, batch, step_key(ts))
-        return apply_gradients(optimizer, ts, sums)
+        return apply_gradients(optimizer, ts, sums, grad_norm=grad_norm)
 
     step = scan_steps(one_step, steps_per_call, owner)
     if jit:

@@ -313,10 +313,6 @@ def make_train_step(
                 f"make_train_step: {name} must be a positive int, got {v!r}."
             )
     if mesh is not None:
-        if not grad_norm:
-            raise ValueError(
-                "make_train_step: grad_norm=False is not supported with a mesh."
-            )
         from fnn.data_parallel import make_parallel_train_step  # imports this file
 
         return make_parallel_train_step(
@@ -328,6 +324,7 @@ def make_train_step(
             steps_per_call=steps_per_call,
             donate=donate,
             jit=jit,
+            grad_norm=grad_norm,
         )
 
     def one_step(ts: TrainState, batch: Any) -> tuple[TrainState, Metrics]:

@@ -212,3 +212,8 @@ def test_one_device_step_matches_make_train_step():
     got2, _ = step2(fnn.replicate(ts, mesh), fnn.shard_batch(batch, mesh))
     np.testing.assert_allclose(got2.params["w"], want, rtol=1e-6, atol=0)
     assert got2.params["w"].sharding.is_fully_replicated
+    # grad_norm=False drops that metric only.
+    step3 = fnn.make_train_step(loss_fn, opt, accum_steps=2, mesh=mesh, grad_norm=False)
+    got3, metrics = step3(fnn.replicate(ts, mesh), fnn.shard_batch(batch, mesh))
+    np.testing.assert_allclose(got3.params["w"], want, rtol=1e-6, atol=0)
+    assert "grad_norm" not in metrics and {"loss", "weight"} <= set(metrics)

@@ -327,5 +327,3 @@ def test_grad_norm_false_drops_only_that_metric():
             rtol=EXACT_RTOL_F64,
             atol=EXACT_RTOL_F64,
         )
-    with pytest.raises(ValueError, match="grad_norm=False is not supported"):
-        fnn.make_train_step(linear_loss, opt, grad_norm=False, mesh=object())
