@@ -17,6 +17,7 @@ PAGES = [
     "docs/layers.md",
     "docs/transformer.md",
     "docs/gradcheck.md",
+    "docs/training.md",
 ]
 
 
