@@ -7,8 +7,8 @@ cosine learning-rate decay; ``fit`` shows a progress bar, evaluates on the test
 set every epoch, keeps the history and, with ``--checkpoint-dir``, saves
 checkpoints from which an interrupted run resumes exactly. The script saves the
 loss and accuracy curves as a PNG and prints ``test accuracy: 0.xxxx`` as its
-last line (about 0.98 with the defaults, in well under a minute on two CPU
-cores).
+last line: measured 0.9778 with the defaults (seeds 1 to 3: 0.9800, 0.9800,
+0.9778), the whole script taking 6 s on two quiet CPU cores.
 
 Usage::
 
