@@ -26,14 +26,13 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import inspect
-import os
 
 import jax
 import jax.numpy as jnp
 import matplotlib
 import numpy as np
+from _common import make_parser, output_path
 from tqdm import tqdm
 
 import fnn
@@ -86,21 +85,8 @@ def exported_activations() -> set[str]:
     }
 
 
-def output_path(out: str, default: str) -> str:
-    """``out`` itself if it names a ``.png`` file, else ``out/default``."""
-    if out.endswith(".png"):
-        path = out
-    else:
-        os.makedirs(out, exist_ok=True)
-        path = os.path.join(out, default)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    return path
-
-
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="accepted; already quick")
-    parser.add_argument("--out", default=".", help="a .png file or a directory")
+    parser = make_parser(__doc__, "accepted; already quick", seed=False)
     args = parser.parse_args(argv)
 
     missing = exported_activations() - set(ACTIVATIONS)

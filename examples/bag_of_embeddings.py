@@ -39,13 +39,11 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import os
-
 import jax
 import matplotlib
 import numpy as np
 import optax
+from _common import make_parser, output_path
 
 import fnn
 
@@ -151,17 +149,6 @@ def train(name, model, train_data, test_data, args, key):
     return state.params, history
 
 
-def output_path(out: str, default: str) -> str:
-    """``out`` itself if it names a ``.png`` file, else ``out/default``."""
-    if out.endswith(".png"):
-        path = out
-    else:
-        os.makedirs(out, exist_ok=True)
-        path = os.path.join(out, default)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    return path
-
-
 def plot(runs, test_data, both, path: str) -> None:
     fig, (ax_curve, ax_bar) = plt.subplots(1, 2, figsize=(9, 3.6))
     for name, _, _, history in runs:
@@ -194,13 +181,10 @@ def plot(runs, test_data, both, path: str) -> None:
 
 
 def main(argv=None) -> float:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = make_parser(__doc__, "a few seconds only")
     parser.add_argument("--epochs", type=int, default=20, help="passes over the data")
-    parser.add_argument("--quick", action="store_true", help="a few seconds only")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=".", help="a .png file or a directory")
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")

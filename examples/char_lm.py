@@ -35,11 +35,9 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import inspect
 import math
-import os
 import string
 import time
 
@@ -48,6 +46,7 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 import optax
+from _common import make_parser, output_path
 
 import fnn
 
@@ -138,17 +137,6 @@ def decode(ids) -> str:
     return "".join(ALPHABET[i] for i in ids)
 
 
-def output_path(out: str, default: str) -> str:
-    """``out`` itself if it names a ``.png`` file, else ``out/default``."""
-    if out.endswith(".png"):
-        path = out
-    else:
-        os.makedirs(out, exist_ok=True)
-        path = os.path.join(out, default)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    return path
-
-
 def plot(history, baseline: float, path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     steps = [h["step"] for h in history]
@@ -172,13 +160,10 @@ def plot(history, baseline: float, path: str) -> None:
 
 
 def main(argv=None) -> float:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = make_parser(__doc__, "a few seconds only")
     parser.add_argument("--epochs", type=int, default=5, help="passes over the text")
-    parser.add_argument("--quick", action="store_true", help="a few seconds only")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=".", help="a .png file or a directory")
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")

@@ -29,13 +29,11 @@ rule nowhere; 10 s of CPU time. ``--quick`` checks 7 points (5 s).
 
 from __future__ import annotations
 
-import argparse
-import os
-
 import jax
 import jax.numpy as jnp
 import matplotlib
 import numpy as np
+from _common import make_parser, output_path
 from tqdm import tqdm
 
 from fnn.gradcheck import GradientCheckError, check_grads
@@ -90,13 +88,6 @@ def rel_err(failure: tuple[float, GradientCheckError]) -> float:
     return failure[1].report.failures[0].rel_err
 
 
-def output_path(out: str, default: str) -> str:
-    """``out`` itself if it names a ``.png`` file, else ``out/default``."""
-    path = out if out.endswith(".png") else os.path.join(out, default)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    return path
-
-
 def plot(failures, path: str) -> None:
     """The function, both gradients (float32) and their relative errors
     (float64) against numpy's sigmoid; failed points and the worst marked."""
@@ -143,9 +134,7 @@ def plot(failures, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> bool:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer points")
-    parser.add_argument("--out", default=".", help="a .png file or a directory")
+    parser = make_parser(__doc__, "fewer points", seed=False)
     args = parser.parse_args(argv)
 
     # float32 inputs, as a model would hold them; check_grads works in float64.

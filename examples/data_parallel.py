@@ -29,25 +29,24 @@ shared CPU cores): ``test accuracy: 0.9689``, in 8 s of CPU time. ``--quick``
 ``--launch 2`` alike.
 """
 
-import argparse
 import os
 import socket
 import subprocess
 import sys
 
+from _common import digits_split, make_parser, output_path  # no jax: see below
+
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = make_parser(__doc__, "a few epochs only", seed=False)
     p.add_argument("--devices", type=int, help="fake CPU devices per process")
     p.add_argument("--coordinator", help="host:port of process 0")
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)
     p.add_argument("--launch", type=int, help="start this many local processes")
-    p.add_argument("--quick", action="store_true", help="a few epochs only")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--accum-steps", type=int, default=2)
-    p.add_argument("--out", default=".", help="a .png file or a directory")
     return p.parse_args()
 
 
@@ -81,20 +80,11 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 import optax
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 import fnn
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-
-
-def output_path(out: str, default: str) -> str:
-    """``out`` itself if it names a ``.png`` file, else ``out/default``."""
-    path = out if out.endswith(".png") else os.path.join(out, default)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    return path
 
 
 def plot(history, accuracy: float, title: str, path: str) -> None:
@@ -122,11 +112,8 @@ if distributed:
 
 mesh = fnn.data_mesh()
 rank, nproc = jax.process_index(), jax.process_count()
-X, y = load_digits(return_X_y=True)
-X = (X / 16.0).astype(np.float32)
-x_train, x_test, y_train, y_test = train_test_split(
-    X, y.astype(np.int32), test_size=0.25, random_state=0
-)
+x_train, x_test, y_train, y_test = digits_split(stratify=False)
+x_train, x_test = ((x / 16.0).astype(np.float32) for x in (x_train, x_test))
 
 net = fnn.serial(fnn.Dense(64), fnn.Relu(), fnn.Dense(10))
 _, params = net.init(jax.random.key(0), (-1, 64))  # same seed in every process

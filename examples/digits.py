@@ -20,15 +20,13 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import jax
 import matplotlib
 import numpy as np
 import optax
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
+from _common import digits_split, make_parser
 
 import fnn
 
@@ -42,19 +40,12 @@ DROPOUT = 0.3
 
 def load(dtype=np.float32):
     """Returns ``(train, test)`` dicts of ``x`` (n, 64) and integer ``y`` (n,)."""
-    digits = load_digits()
-    x_train, x_test, y_train, y_test = train_test_split(
-        digits.data,
-        digits.target,
-        test_size=0.25,
-        random_state=0,
-        stratify=digits.target,
-    )
+    x_train, x_test, y_train, y_test = digits_split()
     mean, std = x_train.mean(0), x_train.std(0)
     std[std == 0] = 1.0  # pixels that are always blank in the training set
 
     def prepare(x, y):
-        return {"x": ((x - mean) / std).astype(dtype), "y": y.astype(np.int32)}
+        return {"x": ((x - mean) / std).astype(dtype), "y": y}
 
     return prepare(x_train, y_train), prepare(x_test, y_test)
 
@@ -108,13 +99,10 @@ def plot(history, path: str) -> None:
 
 
 def main(argv=None) -> float:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = make_parser(__doc__, "a few steps only", out="digits.png")
     parser.add_argument("--epochs", type=int, default=30, help="passes over the data")
-    parser.add_argument("--quick", action="store_true", help="a few steps only")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="digits.png", help="where to save the PNG")
     parser.add_argument(
         "--checkpoint-dir", default=None, help="save checkpoints here; resume from them"
     )

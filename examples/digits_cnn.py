@@ -26,16 +26,12 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import os
-
 import jax
 import jax.numpy as jnp
 import matplotlib
 import numpy as np
 import optax
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
+from _common import digits_split, make_parser, output_path
 
 import fnn
 
@@ -52,17 +48,10 @@ SHOWN = 16  # test images drawn with their predicted labels, errors first
 
 def load() -> tuple[dict, dict]:
     """``(train, test)`` dicts: ``x`` (n, 8, 8, 1) in [0, 1], integer ``y`` (n,)."""
-    digits = load_digits()
-    x_train, x_test, y_train, y_test = train_test_split(
-        digits.images,
-        digits.target,
-        test_size=0.25,
-        random_state=0,
-        stratify=digits.target,
-    )
+    x_train, x_test, y_train, y_test = digits_split(images=True)
 
     def prepare(x, y):
-        return {"x": (x[..., None] / 16.0).astype(np.float32), "y": y.astype(np.int32)}
+        return {"x": (x[..., None] / 16.0).astype(np.float32), "y": y}
 
     return prepare(x_train, y_train), prepare(x_test, y_test)
 
@@ -120,13 +109,6 @@ def make_loss(model: fnn.StatefulModel):
     return loss_fn
 
 
-def output_path(out: str, default: str) -> str:
-    """``out`` itself if it names a ``.png`` file, else ``out/default``."""
-    path = out if out.endswith(".png") else os.path.join(out, default)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    return path
-
-
 def plot(history, test, predictions, path: str) -> None:
     """Loss and accuracy curves above test images titled with predictions."""
     fig = plt.figure(figsize=(10, 6))
@@ -157,13 +139,10 @@ def plot(history, test, predictions, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> float:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = make_parser(__doc__, "a few steps, a test")
     parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--quick", action="store_true", help="a few steps, a test")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=".", help="a .png file or a directory")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")

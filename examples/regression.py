@@ -39,13 +39,11 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import os
-
 import jax
 import matplotlib
 import numpy as np
 import optax
+from _common import make_parser, output_path
 
 import fnn
 
@@ -120,14 +118,8 @@ def test_mse(model: fnn.Layer, params, data) -> float:
 
 def output_paths(out: str) -> tuple[str, str]:
     """``(fit, grid)`` PNG paths: ``out`` and ``out_grid``, or in directory ``out``."""
-    if out.endswith(".png"):
-        paths = out, out[: -len(".png")] + "_grid.png"
-    else:
-        os.makedirs(out, exist_ok=True)
-        paths = (os.path.join(out, f"regression{s}.png") for s in ("", "_grid"))
-    paths = tuple(paths)
-    os.makedirs(os.path.dirname(paths[0]) or ".", exist_ok=True)
-    return paths
+    fit = output_path(out, "regression.png")
+    return fit, fit.removesuffix(".png") + "_grid.png"
 
 
 def draw(ax, train, model, params, title: str) -> None:
@@ -140,13 +132,10 @@ def draw(ax, train, model, params, title: str) -> None:
 
 
 def main(argv=None) -> float:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = make_parser(__doc__, "a few seconds only")
     parser.add_argument("--steps", type=int, default=3000, help="main model's steps")
     parser.add_argument("--grid-steps", type=int, default=2000, help="each grid model")
-    parser.add_argument("--quick", action="store_true", help="a few seconds only")
     parser.add_argument("--learning-rate", type=float, default=1e-2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=".", help="a .png file or a directory")
     args = parser.parse_args(argv)
     for name in ("steps", "grid_steps"):
         if getattr(args, name) < STEPS_PER_CALL:

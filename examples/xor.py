@@ -16,13 +16,12 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import matplotlib
 import numpy as np
 import optax
+from _common import make_parser
 from tqdm import tqdm
 
 import fnn
@@ -80,11 +79,8 @@ def plot(models, path: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = make_parser(__doc__, "200 steps", out="xor.png")
     parser.add_argument("--steps", type=int, default=500, help="training steps")
-    parser.add_argument("--quick", action="store_true", help="200 steps")
-    parser.add_argument("--out", default="xor.png", help="where to save the PNG")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     steps = min(args.steps, 200) if args.quick else args.steps
 

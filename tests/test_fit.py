@@ -295,13 +295,14 @@ def test_progress_bar_shows_loss_and_speed(capsys):
     assert f"{PER_EPOCH}/{PER_EPOCH}" in err, err
 
 
-def test_digits_example_quick_run_and_resume(tmp_path, capsys):
+def test_digits_example_quick_run_and_resume(tmp_path, capsys, monkeypatch):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
     import importlib.util
     import pathlib
 
     path = pathlib.Path(__file__).parents[1] / "examples" / "digits.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # as running the script does
     spec = importlib.util.spec_from_file_location("digits_example", path)
     digits = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(digits)
