@@ -117,6 +117,27 @@ def _dilated(ks: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, ...]:
     return tuple((k - 1) * d + 1 for k, d in zip(ks, dilation))
 
 
+def _kernel_and_bias(
+    key: jax.Array,
+    w_shape: tuple[int, ...],
+    use_bias: bool,
+    w_init: initializers.Initializer,
+    b_init: initializers.Initializer,
+    dtype: Any,
+) -> dict[str, jax.Array]:
+    """Params ``{'w': w_shape, 'b': (features,)}``, no ``'b'`` without a bias."""
+    k_w, k_b = jax.random.split(key)
+    params = {"w": w_init(k_w, w_shape, dtype)}
+    if use_bias:
+        params["b"] = b_init(k_b, w_shape[-1:], dtype)
+    return params
+
+
+def _add_bias(params: dict[str, jax.Array], y: jax.Array, use_bias: bool) -> jax.Array:
+    """``y`` plus the bias ``params['b']`` over its last (channel) axis."""
+    return y + expand_left(params["b"].astype(y.dtype), y.ndim) if use_bias else y
+
+
 def _same_dtype(x: Any, w: jax.Array) -> tuple[jax.Array, jax.Array]:
     dtype = jnp.result_type(x, w)
     return jnp.asarray(x, dtype), w.astype(dtype)
@@ -219,10 +240,7 @@ def Conv(
             numbers,
         )
         out_shape = _out_shape(desc, shape, tuple(out[1:-1]), shape[0])
-        k_w, k_b = jax.random.split(key)
-        params = {"w": w_init(k_w, w_shape, dtype)}
-        if use_bias:
-            params["b"] = b_init(k_b, (features,), dtype)
+        params = _kernel_and_bias(key, w_shape, use_bias, w_init, b_init, dtype)
         return (*out_shape, features), params
 
     def apply_fn(params, x, **kwargs):
@@ -237,7 +255,7 @@ def Conv(
             dimension_numbers=numbers,
             feature_group_count=groups,
         )
-        return y + expand_left(params["b"].astype(y.dtype), y.ndim) if use_bias else y
+        return _add_bias(params, y, use_bias)
 
     return make_layer("conv", desc, init_fn, apply_fn)
 
@@ -320,10 +338,8 @@ def ConvTranspose(
             numbers,
         )
         out_shape = _out_shape(desc, shape, tuple(out[1:-1]), shape[0])
-        k_w, k_b = jax.random.split(key)
-        params = {"w": w_init(k_w, (*ks, shape[-1], features), dtype)}
-        if use_bias:
-            params["b"] = b_init(k_b, (features,), dtype)
+        w_shape = (*ks, shape[-1], features)
+        params = _kernel_and_bias(key, w_shape, use_bias, w_init, b_init, dtype)
         return (*out_shape, features), params
 
     def apply_fn(params, x, **kwargs):
@@ -337,6 +353,6 @@ def ConvTranspose(
             rhs_dilation=dilation_t,
             dimension_numbers=numbers,
         )
-        return y + expand_left(params["b"].astype(y.dtype), y.ndim) if use_bias else y
+        return _add_bias(params, y, use_bias)
 
     return make_layer("conv_transpose", desc, init_fn, apply_fn)
