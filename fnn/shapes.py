@@ -169,3 +169,53 @@ def window_padding(owner: str, padding: Any, n: int) -> str | tuple[tuple[int, i
         f"{owner}: expected padding 'SAME', 'VALID' or {n} (low, high) pairs of "
         f"non-negative ints, got {padding!r}."
     )
+
+
+def axes_arg(owner: str, axis: Any) -> tuple[int, ...]:
+    """Checks a constructor's ``axis`` option: an int or a non-empty tuple of ints.
+
+    Raises:
+      ValueError: naming ``owner`` otherwise.
+
+    Examples:
+      >>> from fnn.shapes import axes_arg
+      >>> axes_arg("LayerNorm", -1), axes_arg("GlobalMeanPool", (1, 2))
+      ((-1,), (1, 2))
+    """
+    axes = (axis,) if isinstance(axis, int) else axis
+    try:
+        axes = tuple(axes)
+    except TypeError:
+        axes = ()
+    if not axes or not all(
+        isinstance(a, int) and not isinstance(a, bool) for a in axes
+    ):
+        raise ValueError(
+            f"{owner}: expected an int axis or a tuple of them, got {axis!r}."
+        )
+    return axes
+
+
+def non_batch_axes(desc: str, axes: tuple[int, ...], shape: Shape) -> Shape:
+    """``axes`` as sorted non-negative ints; fails unless distinct non-batch axes.
+
+    Raises:
+      ShapeError: naming ``desc``, for an axis out of range for ``shape``, a
+        repeated axis, or the batch axis 0.
+
+    Examples:
+      >>> from fnn.shapes import non_batch_axes
+      >>> non_batch_axes("GlobalMeanPool(axis=(-2, 1))", (-2, 1), (-1, 5, 6, 3))
+      (1, 2)
+    """
+    rank = len(shape)
+    if not all(-rank <= a < rank for a in axes):
+        fail(desc, f"axis {axes!r} is out of range for an input of shape {shape!r}.")
+    out = tuple(sorted({a % rank for a in axes}))
+    if len(out) != len(axes) or 0 in out:
+        fail(
+            desc,
+            f"axis {axes!r} must name distinct non-batch axes of an input of "
+            f"shape {shape!r}.",
+        )
+    return out

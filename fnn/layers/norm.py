@@ -18,23 +18,8 @@ from jax.nn import initializers
 
 from fnn.core import Layer, fail, is_training, make_layer, signature
 from fnn.layers.pool import broadcast_mask, mask_error
-from fnn.shapes import check_shape
+from fnn.shapes import axes_arg, check_shape, non_batch_axes
 from fnn.state import declare_state, read_state, write_state
-
-
-def _axes_arg(owner: str, axis: Any) -> tuple[int, ...]:
-    axes = (axis,) if isinstance(axis, int) else axis
-    try:
-        axes = tuple(axes)
-    except TypeError:
-        axes = ()
-    if not axes or not all(
-        isinstance(a, int) and not isinstance(a, bool) for a in axes
-    ):
-        raise ValueError(
-            f"{owner}: expected an int axis or a tuple of them, got {axis!r}."
-        )
-    return axes
 
 
 def _check_epsilon(owner: str, epsilon: Any) -> None:
@@ -50,16 +35,7 @@ def _resolve(
     desc: str, axes: tuple[int, ...], shape: tuple[int, ...]
 ) -> tuple[int, ...]:
     """The feature axes as non-negative ints; fails if they do not fit ``shape``."""
-    rank = len(shape)
-    if not all(-rank <= a < rank for a in axes):
-        fail(desc, f"axis {axes!r} is out of range for an input of shape {shape!r}.")
-    out = tuple(sorted({a % rank for a in axes}))
-    if len(out) != len(axes) or 0 in out:
-        fail(
-            desc,
-            f"axis {axes!r} must name distinct non-batch axes of an input of "
-            f"shape {shape!r}.",
-        )
+    out = non_batch_axes(desc, axes, shape)
     if any(shape[a] == -1 for a in out):
         fail(desc, f"the normalised axes {out!r} must be known, got {shape!r}.")
     return out
@@ -158,7 +134,7 @@ def LayerNorm(
       (0.0, 1.0)
     """
     _check_epsilon("LayerNorm", epsilon)
-    axes = _axes_arg("LayerNorm", axis)
+    axes = axes_arg("LayerNorm", axis)
     shown = {"epsilon": epsilon} if epsilon != 1e-5 else {}
     shown |= {} if axis == -1 else {"axis": axis}
     desc = signature("LayerNorm", **shown)
@@ -219,7 +195,7 @@ def RMSNorm(
       [0.8485, 1.1314]
     """
     _check_epsilon("RMSNorm", epsilon)
-    axes = _axes_arg("RMSNorm", axis)
+    axes = axes_arg("RMSNorm", axis)
     shown = {"epsilon": epsilon} if epsilon != 1e-5 else {}
     shown |= {} if axis == -1 else {"axis": axis}
     desc = signature("RMSNorm", **shown)
@@ -332,7 +308,7 @@ def BatchNorm(
     ):
         raise ValueError(f"BatchNorm: expected momentum in [0, 1), got {momentum!r}.")
     _check_epsilon("BatchNorm", epsilon)
-    axes = _axes_arg("BatchNorm", axis)
+    axes = axes_arg("BatchNorm", axis)
     shown = {"momentum": momentum} if momentum != 0.99 else {}
     shown |= {"epsilon": epsilon} if epsilon != 1e-5 else {}
     shown |= {} if axis == -1 else {"axis": axis}

@@ -19,7 +19,13 @@ from jax import lax
 
 from fnn.core import Layer, fail, make_layer, signature
 from fnn.layers.conv import check_spatial_input, check_spatial_rank, kernel_tuple
-from fnn.shapes import check_shape, window_padding, window_tuple
+from fnn.shapes import (
+    axes_arg,
+    check_shape,
+    non_batch_axes,
+    window_padding,
+    window_tuple,
+)
 
 # --- masked reductions ----------------------------------------------------------
 
@@ -262,39 +268,17 @@ def AvgPool(
 
 
 def _global_pool(kind: str, owner: str, axis: Any, masked: Callable, plain: Callable):
-    axes = (axis,) if isinstance(axis, int) else axis
-    try:
-        axes = tuple(axes)
-    except TypeError:
-        axes = ()
-    if not axes or not all(
-        isinstance(a, int) and not isinstance(a, bool) for a in axes
-    ):
-        raise ValueError(
-            f"{owner}: expected an int axis or a tuple of them, got {axis!r}."
-        )
+    axes = axes_arg(owner, axis)
     desc = signature(owner, axis=axis)
-
-    def resolve(rank: int) -> tuple[int, ...]:
-        if not all(-rank <= a < rank for a in axes):
-            fail(desc, f"axis {axis!r} is out of range for an input of rank {rank}.")
-        out = tuple(sorted({a % rank for a in axes}))
-        if len(out) != len(axes) or 0 in out:
-            fail(
-                desc,
-                f"axis {axis!r} must name distinct non-batch axes of an input "
-                f"of rank {rank}.",
-            )
-        return out
 
     def init_fn(key, input_shape):
         shape = check_shape(desc, input_shape, min_rank=2)
-        ax = resolve(len(shape))
+        ax = non_batch_axes(desc, axes, shape)
         return tuple(d for i, d in enumerate(shape) if i not in ax), {}
 
     def apply_fn(params, x, *, mask=None, **kwargs):
         x = jnp.asarray(x)
-        ax = resolve(x.ndim)
+        ax = non_batch_axes(desc, axes, x.shape)
         if mask is None:
             return plain(x, axis=ax)
         detail = mask_error(x.shape, tuple(jnp.shape(mask)))
