@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -40,21 +39,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from steps import machine
 
 import fnn
 
 MICRO = 32
 SIZES = (784, 256, 256, 10)
-
-
-def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in f if "model name" in ln)
-    except (OSError, StopIteration):
-        pass
-    return f"{os.cpu_count()} CPUs ({cpu}), jax {jax.__version__}"
 
 
 def model() -> fnn.Layer:
