@@ -60,6 +60,24 @@ def _positive(owner: str, name: str, value: Any) -> int:
     return value
 
 
+def _window_options(
+    owner: str,
+    features: int,
+    kernel_size: Any,
+    strides: Any,
+    dilation: Any,
+    padding: Any,
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], Any]:
+    """Checks the options Conv and ConvTranspose share; returns kernel size,
+    strides, dilation (tuples of the kernel's rank) and the padding."""
+    ks = kernel_tuple(owner, kernel_size)
+    n = len(ks)
+    _positive(owner, "features", features)
+    strides_t = window_tuple(owner, "strides", strides, n)
+    dilation_t = window_tuple(owner, "dilation", dilation, n)
+    return ks, strides_t, dilation_t, window_padding(owner, padding, n)
+
+
 def _describe(kind: str, features: int, ks: tuple[int, ...], **options: Any) -> str:
     defaults = {"strides": 1, "padding": "SAME", "dilation": 1}
     defaults |= {"feature_group_count": 1, "use_bias": True}
@@ -199,18 +217,16 @@ def Conv(
       >>> conv.apply(params, jnp.ones((2, 28, 28, 1))).shape
       (2, 14, 14, 8)
     """
-    ks = kernel_tuple("Conv", kernel_size)
+    ks, strides_t, dilation_t, pad = _window_options(
+        "Conv", features, kernel_size, strides, dilation, padding
+    )
     n = len(ks)
-    _positive("Conv", "features", features)
     groups = _positive("Conv", "feature_group_count", feature_group_count)
     if features % groups:
         raise ValueError(
             f"Conv: features={features} is not divisible by "
             f"feature_group_count={groups}."
         )
-    strides_t = window_tuple("Conv", "strides", strides, n)
-    dilation_t = window_tuple("Conv", "dilation", dilation, n)
-    pad = window_padding("Conv", padding, n)
     desc = _describe(
         "Conv",
         features,
@@ -311,12 +327,10 @@ def ConvTranspose(
       >>> up.apply(params, jnp.ones((2, 7, 7, 8))).shape
       (2, 14, 14, 4)
     """
-    ks = kernel_tuple("ConvTranspose", kernel_size)
+    ks, strides_t, dilation_t, pad = _window_options(
+        "ConvTranspose", features, kernel_size, strides, dilation, padding
+    )
     n = len(ks)
-    _positive("ConvTranspose", "features", features)
-    strides_t = window_tuple("ConvTranspose", "strides", strides, n)
-    dilation_t = window_tuple("ConvTranspose", "dilation", dilation, n)
-    pad = window_padding("ConvTranspose", padding, n)
     desc = _describe(
         "ConvTranspose",
         features,
