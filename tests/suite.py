@@ -153,3 +153,16 @@ def state_as_params(layer: fnn.Layer) -> fnn.Layer:
         return y
 
     return fnn.Layer(init_fn, apply_fn)
+
+
+def init_perturbed(layer: fnn.Layer, shape: Any, seed: int = 0) -> Any:
+    """``layer``'s params with ``0.1 * N(0, 1)`` added to every leaf.
+
+    Initial biases are often zero; perturbed, a numpy reference shows whether
+    each one is added in the right place.
+    """
+    _, params = layer.init(jax.random.key(seed), shape)
+    return jax.tree.map(
+        lambda a: a + 0.1 * jax.random.normal(jax.random.key(seed + 1), a.shape),
+        params,
+    )

@@ -9,6 +9,7 @@ import pytest
 import fnn
 
 from suite import check_layer_properties
+from suite import init_perturbed as _init
 
 RTOL_F32 = 1e-5
 ATOL_F32 = 1e-5
@@ -49,15 +50,6 @@ def _np_attention(params, xq, xkv, num_heads, mask=None):
                 out[b, i, h] = (e / e.sum()) @ v[b, :, h]
     out = out.reshape(batch, t_q, -1)
     return out @ p["out"]["w"] + p["out"]["b"]
-
-
-def _init(layer, shape, seed=0):
-    _, params = layer.init(jax.random.key(seed), shape)
-    # non-zero biases, so the reference checks where each one is added
-    return jax.tree.map(
-        lambda a: a + 0.1 * jax.random.normal(jax.random.key(seed + 1), a.shape),
-        params,
-    )
 
 
 def _x(shape, seed=1):

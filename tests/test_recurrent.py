@@ -9,6 +9,7 @@ import pytest
 import fnn
 
 from suite import check_layer_properties
+from suite import init_perturbed as _init
 
 RTOL_F32 = 1e-5
 ATOL_F32 = 1e-5
@@ -69,14 +70,6 @@ def _np_lstm(p, xs):
         h = o * np.tanh(c)
         outs.append(h)
     return np.stack(outs, 1), (c, h)
-
-
-def _init(layer, shape, seed=0):
-    _, params = layer.init(jax.random.key(seed), shape)
-    return jax.tree.map(
-        lambda a: a + 0.1 * jax.random.normal(jax.random.key(seed + 1), a.shape),
-        params,
-    )
 
 
 def _x(shape, seed=1):
