@@ -3,9 +3,11 @@
 The tiny MLP of ``steps.py`` (64-32-32-10, batch 32, Adam), whose compute is a
 few microseconds, so what is left is the cost of a call (dispatch: one buffer
 per pytree leaf in and out) and, inside a ``lax.scan`` of ``K`` steps, the cost
-of each step's kernels. Variants of the same step, each dropping or changing
-one thing relative to fnn's (``step`` counter, typed key folded in per step,
-metrics ``loss``/``weight``/``grad_norm`` as a dict, donated train state):
+of each step's kernels. Variants of the same step written out with an unpacked
+state (one buffer per leaf) and default compiler options, each dropping or
+changing one thing relative to the full set (``step`` counter, typed key
+folded in per step, metrics ``loss``/``weight``/``grad_norm`` as a dict,
+donated state):
 
 * ``- grad_norm``: no gradient norm metric;
 * ``metrics stacked``: the metrics as one ``(3,)`` array instead of a dict;
@@ -16,6 +18,8 @@ metrics ``loss``/``weight``/``grad_norm`` as a dict, donated train state):
   loss still a sum divided by a weight).
 
 and, as references, ``fnn.make_train_step`` with and without ``grad_norm``,
+each with the train state packed (the default) and unpacked
+(``pack_max_size=0``),
 the hand-written JAX step of ``steps.py`` (``K = 1``, the ratio's
 denominator) or a hand-written ``lax.scan`` of it (``K > 1``; then also the
 scan with SGD instead of Adam, and of the forward pass only). Interleaved
@@ -56,6 +60,7 @@ from steps import calibrate, compiled_stats, fmt, interleave, machine
 
 import fnn
 from fnn.train import safe_divide
+from fnn.train_state import PACK_MAX_SIZE
 
 FULL = {"grad_norm": True, "stacked": False, "key": "typed", "donate": True}
 DROPS = {
@@ -163,13 +168,18 @@ def variants(k: int) -> list[Variant]:
     model, params = fnn_params(wl, ws)
     tx, loss_fn = optax.adam(LR), fnn_loss(model)
     fresh = lambda: jax.tree.map(jnp.copy, params)  # noqa: E731
-    step = fnn.make_train_step(loss_fn, tx, steps_per_call=k)
-    ts = fnn.TrainState.create(fresh(), tx, key=jax.random.key(0))
-    out.append(state_variant("fnn.make_train_step", step, ts, data, k))
-    step = fnn.make_train_step(loss_fn, tx, steps_per_call=k, grad_norm=False)
-    ts = fnn.TrainState.create(fresh(), tx, key=jax.random.key(0))
-    name = "fnn.make_train_step(grad_norm=False)"
-    out.append(state_variant(name, step, ts, data, k))
+    for pack in (PACK_MAX_SIZE, 0):
+        for grad_norm in (True, False):
+            step = fnn.make_train_step(
+                loss_fn, tx, steps_per_call=k, grad_norm=grad_norm
+            )
+            ts = fnn.TrainState.create(
+                fresh(), tx, key=jax.random.key(0), pack_max_size=pack
+            )
+            opts = [] if grad_norm else ["grad_norm=False"]
+            opts += [] if pack else ["pack_max_size=0"]
+            name = "fnn.make_train_step" + (f"({', '.join(opts)})" if opts else "")
+            out.append(state_variant(name, step, ts, data, k))
     for name, drop in DROPS.items():
         step, state = fnn_like(loss_fn, tx, fresh(), k, **{**FULL, **drop})
         out.append(state_variant(name, step, state, data, k))

@@ -8,6 +8,9 @@ under ``directory/<step>/``. It is a thin layer over
 
 * typed PRNG keys (``jax.random.key``) are stored as their raw ``key_data`` and
   rewrapped with the target's implementation on restore;
+* a :class:`fnn.TrainState` is stored as its unpacked fields (``.step``,
+  ``.params[...]``, ...), so the files name every leaf and do not depend on how
+  the state packs its small leaves;
 * the saved tree's leaf paths, shapes and dtypes are recorded, so a restore into
   a structure that does not match fails with a ``ValueError`` that names the
   first differing path (or the leaf and both shapes) instead of an error from
@@ -30,11 +33,36 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fnn.train_state import TrainState
+
 __all__ = ["Checkpointer"]
 
 
 def _is_key(x: Any) -> bool:
     return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _is_train_state(x: Any) -> bool:
+    return isinstance(x, TrainState)
+
+
+def _unpacked(tree: Any) -> Any:
+    """``tree`` with each :class:`fnn.TrainState` as its fields (what is stored)."""
+    return jax.tree.map(
+        lambda x: x.fields if _is_train_state(x) else x, tree, is_leaf=_is_train_state
+    )
+
+
+def _repacked(target: Any, restored: Any) -> Any:
+    """``restored`` (train states as fields) in ``target``'s train states."""
+    targets, treedef = jax.tree.flatten(target, is_leaf=_is_train_state)
+    values = treedef.flatten_up_to(restored)
+    return treedef.unflatten(
+        [
+            t.replace(**v._asdict()) if _is_train_state(t) else v
+            for t, v in zip(targets, values)
+        ]
+    )
 
 
 def _dtype(x: Any) -> np.dtype:
@@ -224,7 +252,7 @@ class Checkpointer:
           TypeError: when ``metadata`` cannot be written as JSON.
           ValueError: when a checkpoint for ``step`` already exists.
         """
-        records, leaves, _ = _describe_leaves(tree)
+        records, leaves, _ = _describe_leaves(_unpacked(tree))
         meta = {"metadata": dict(metadata or {}), "leaves": records}
         try:
             json.dumps(meta)
@@ -304,7 +332,7 @@ class Checkpointer:
         """
         step = self._step(step, "restore")
         meta = self._read_meta(step)
-        records, leaves, treedef = _describe_leaves(target)
+        records, leaves, treedef = _describe_leaves(_unpacked(target))
         where = f"The checkpoint for step {step} in {self.directory}"
         _check_match(where, meta["leaves"], records)
         abstract = _nest(records, [_abstract(leaf) for leaf in leaves])
@@ -322,7 +350,8 @@ class Checkpointer:
             ):
                 value = type(leaf)(np.asarray(value).item())
             out.append(value)
-        return jax.tree_util.tree_unflatten(treedef, out), meta["metadata"]
+        tree = jax.tree_util.tree_unflatten(treedef, out)
+        return _repacked(target, tree), meta["metadata"]
 
     def wait(self) -> None:
         """Blocks until every pending save is complete on disk."""

@@ -33,6 +33,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from fnn.compiling import jit_step
 from fnn.train import (
     Metrics,
     TrainState,
@@ -315,7 +316,7 @@ def make_parallel_train_step(
     if jit:
         # The new train state comes out replicated like the one that went in.
         out = (NamedSharding(mesh, P()), NamedSharding(mesh, P()))
-        step = jax.jit(step, donate_argnums=(0,) if donate else (), out_shardings=out)
+        step = jit_step(step, donate=donate, out_shardings=out)
     return step
 
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from fnn import data
 from fnn.checkpoint import Checkpointer
+from fnn.compiling import jit_step
 from fnn.evaluate import evaluate
 from fnn.history import (
     History,
@@ -40,6 +41,7 @@ from fnn.history import (
     write_history,
 )
 from fnn.train import leading_size
+from fnn.train_state import TrainState, scan_train_state
 
 __all__ = ["fit"]
 
@@ -58,7 +60,13 @@ def _all_finite(tree: Any) -> jax.Array:
 def _scanned(train_step: Callable) -> Callable:
     """``train_step`` run over a leading axis of stacked batches, compiled once
     per step function (a resumed ``fit`` in the same process reuses it)."""
-    return jax.jit(lambda ts, bs: lax.scan(train_step, ts, bs), donate_argnums=(0,))
+    return jit_step(lambda ts, bs: _scan(train_step, ts, bs), donate=True)
+
+
+def _scan(train_step: Callable, ts: Any, batches: Any) -> tuple[Any, Any]:
+    if isinstance(ts, TrainState):
+        return scan_train_state(train_step, ts, batches)
+    return lax.scan(train_step, ts, batches)
 
 
 def _positive(name: str, value: Any, allow_none: bool = True) -> None:

@@ -15,12 +15,10 @@ gradient of the whole batch (a mean of per-microbatch means does not).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
-from jax import lax
 
 from fnn.accumulate import (
     GradSums,
@@ -29,11 +27,14 @@ from fnn.accumulate import (
     leading_size,
     safe_divide,
 )
+from fnn.compiling import jit_step
+from fnn.train_state import TrainState, TrainStateFields, scan_train_state
 
 __all__ = [
     "GradSums",
     "Metrics",
     "TrainState",
+    "TrainStateFields",
     "accumulate_gradients",
     "apply_gradients",
     "leading_size",
@@ -45,74 +46,6 @@ __all__ = [
 ]
 
 Metrics = dict[str, jax.Array]
-
-
-class TrainState(NamedTuple):
-    """Everything a training step reads and writes, as one pytree.
-
-    Attributes:
-      step: int32 scalar array, the number of steps taken.
-      params: the model's params (nested dicts of arrays).
-      opt_state: the optax optimizer's state.
-      state: the model's running state (BatchNorm statistics); ``{}`` when the
-        model has none.
-      key: a ``jax.random.key``, fixed; step ``t`` uses
-        ``jax.random.fold_in(key, t)`` (:func:`step_key`).
-
-    Examples:
-      >>> import jax, jax.numpy as jnp, optax, fnn
-      >>> params = {"w": jnp.zeros(3)}
-      >>> ts = fnn.TrainState.create(params, optax.sgd(0.1), key=jax.random.key(0))
-      >>> int(ts.step), ts.state
-      (0, {})
-    """
-
-    step: jax.Array
-    params: Any
-    opt_state: Any
-    state: Any
-    key: jax.Array
-
-    @classmethod
-    def create(
-        cls,
-        params: Any,
-        optimizer: optax.GradientTransformation,
-        *,
-        key: jax.Array,
-        state: Any = None,
-    ) -> TrainState:
-        """A train state at step 0.
-
-        Args:
-          params: the model's params.
-          optimizer: any optax ``GradientTransformation``; its state is
-            ``optimizer.init(params)``.
-          key: a ``jax.random.key`` (a typed key; a raw ``PRNGKey`` is converted).
-          state: the model's running state, or ``None`` for ``{}``.
-
-        Returns:
-          The :class:`TrainState`. It holds ``params`` itself, not a copy, and a
-          donating step frees its buffers: pass ``jax.tree.map(jnp.copy,
-          params)`` to keep using the originals.
-
-        Examples:
-          >>> import jax, jax.numpy as jnp, optax, fnn
-          >>> ts = fnn.TrainState.create(
-          ...     {"w": jnp.ones(2)}, optax.adam(1e-3), key=jax.random.key(1)
-          ... )
-          >>> ts.step.dtype
-          dtype('int32')
-        """
-        if not jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
-            key = jax.random.wrap_key_data(key)
-        return cls(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=optimizer.init(params),
-            state={} if state is None else state,
-            key=key,
-        )
 
 
 def check_aux_names(aux: dict) -> None:
@@ -208,7 +141,9 @@ def apply_gradients(
     )
     updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
     params = optax.apply_updates(ts.params, updates)
-    new_ts = TrainState(ts.step + 1, params, opt_state, sums.state, ts.key)
+    new_ts = ts.replace(
+        step=ts.step + 1, params=params, opt_state=opt_state, state=sums.state
+    )
     return new_ts, metrics_from_sums(sums, grad_norm=grad_norm)
 
 
@@ -234,7 +169,8 @@ def scan_steps(
                 f"with a leading axis of {steps_per_call} (stacked batches, see "
                 f"fnn.data.stack), got {k}."
             )
-        return lax.scan(one_step, ts, batches)
+
+        return scan_train_state(one_step, ts, batches)
 
     return many_steps
 
@@ -341,5 +277,5 @@ def make_train_step(
 
     step = scan_steps(one_step, steps_per_call, "make_train_step")
     if jit:
-        step = jax.jit(step, donate_argnums=(0,) if donate else ())
+        step = jit_step(step, donate=donate)
     return step
