@@ -94,7 +94,8 @@ def _layout(fields: TrainStateFields, pack_max_size: int) -> tuple[_Layout, list
     leaves = [x if hasattr(x, "dtype") else jnp.asarray(x) for _, x in with_path]
     groups: dict[str, list[int]] = {}
     for i, x in enumerate(leaves):
-        if math.prod(x.shape) <= pack_max_size and not _is_key(x):
+        small = pack_max_size > 0 and math.prod(x.shape) <= pack_max_size
+        if small and not _is_key(x):
             groups.setdefault(str(np.dtype(x.dtype)), []).append(i)
     slots: list[Any] = [None] * len(leaves)
     names = []
@@ -219,9 +220,9 @@ class TrainState:
 
         Returns:
           The :class:`TrainState`. Small leaves are copied into the packed
-          buffers; large leaves are held as they are, and a donating step frees
-          them: pass ``jax.tree.map(jnp.copy, params)`` to keep using the
-          originals.
+          buffers and the key is copied; large leaves are held as they are,
+          and a donating step frees them: pass ``jax.tree.map(jnp.copy,
+          params)`` to keep using the originals.
 
         Examples:
           >>> import jax, jax.numpy as jnp, optax, fnn
@@ -231,6 +232,13 @@ class TrainState:
           >>> ts.step.dtype
           dtype('int32')
         """
+        if not _is_key(key):
+            key = jax.random.wrap_key_data(key)
+        # A copy: a donating step frees the state's buffers, and the caller's
+        # key should outlive the state built from it.
+        key = jax.random.wrap_key_data(
+            jnp.copy(jax.random.key_data(key)), impl=jax.random.key_impl(key)
+        )
         return cls(
             jnp.zeros((), jnp.int32),
             params,
