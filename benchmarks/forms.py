@@ -4,9 +4,10 @@ The same weights, batch and Adam step as ``steps.py``, written several ways:
 weights as ``(in, out)`` with ``x @ w`` (fnn's and stax's layout) or
 ``(out, in)`` with ``x @ w.T`` (PyTorch's and Equinox's), a per-example
 function under ``jax.vmap`` (how Equinox is used), with and without buffer
-donation, and the loss as a mean or as a sum divided by the batch size (as
-``fnn.make_train_step`` does). Interleaved rounds, medians of per-round ratios
-to the first variant.
+donation (and donation compiled with XLA:CPU's region-analysis copy
+insertion, as ``fnn.make_train_step`` compiles), and the loss as a mean or as
+a sum divided by the batch size (as ``fnn.make_train_step`` does).
+Interleaved rounds, medians of per-round ratios to the first variant.
 
 Usage::
 
@@ -38,6 +39,8 @@ from _workloads import (
 )
 from steps import calibrate, compiled_stats, fmt, interleave, machine
 
+from fnn.compiling import compile_options
+
 
 def mlp_in_out(params, x):
     for layer in params[:-1]:
@@ -65,13 +68,17 @@ def xent_sum(logits, y):
     return loss.sum() / y.shape[0]
 
 
-def make_step(forward, loss, tx, donate=True):
+def make_step(forward, loss, tx, donate=True, region=False):
+    """The step; ``region``: compiled with fnn's option for donating steps
+    (XLA:CPU's region-analysis copy insertion, :mod:`fnn.compiling`)."""
+
     def step(params, opt_state, x, y):
         value, grads = jax.value_and_grad(lambda p: loss(forward(p, x), y))(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, value
 
-    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    options = compile_options(donate) if region else {}
+    return jax.jit(step, donate_argnums=(0, 1) if donate else (), **options)
 
 
 def make_step_extra(forward, tx, *, key: bool, cond: bool):
@@ -118,15 +125,16 @@ def variants(wl):
     tx = optax.adam(LR)
     p = hand_params(wl, ws)
     forms = [
-        ("x @ w, w (in, out), donated", mlp_in_out, xent, True, fresh),
-        ("x @ w, not donated", mlp_in_out, xent, False, fresh),
-        ("x @ w, loss sum / batch", mlp_in_out, xent_sum, True, fresh),
-        ("x @ w.T, w (out, in)", mlp_out_in, xent, True, transposed),
-        ("vmap(w @ x), w (out, in)", mlp_vmap, xent, True, transposed),
+        ("x @ w, w (in, out), donated", mlp_in_out, xent, True, fresh, False),
+        ("x @ w, not donated", mlp_in_out, xent, False, fresh, False),
+        ("x @ w, donated, region analysis", mlp_in_out, xent, True, fresh, True),
+        ("x @ w, loss sum / batch", mlp_in_out, xent_sum, True, fresh, False),
+        ("x @ w.T, w (out, in)", mlp_out_in, xent, True, transposed, False),
+        ("vmap(w @ x), w (out, in)", mlp_vmap, xent, True, transposed, False),
     ]
     out = [
-        loop_variant(name, make_step(f, loss, tx, donate), prep(p), tx, x, y)
-        for name, f, loss, donate, prep in forms
+        loop_variant(name, make_step(f, loss, tx, donate, region), prep(p), tx, x, y)
+        for name, f, loss, donate, prep, region in forms
     ]
     for name, key, cond in (
         ("x @ w, + typed key split", True, False),
