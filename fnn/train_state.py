@@ -136,12 +136,21 @@ def _unpack(layout: _Layout, children: list) -> list:
     return leaves
 
 
+def _fields_of(layout: _Layout, children: list) -> TrainStateFields:
+    """The fields, unpacked from ``children``, the key wrapped again."""
+    fields = jax.tree.unflatten(layout.treedef, _unpack(layout, children))
+    if layout.key_impl is not None:
+        key = jax.random.wrap_key_data(fields.key, impl=layout.key_impl)
+        fields = fields._replace(key=key)
+    return fields
+
+
 def _traced(xs: list) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
 _pack_jit = jax.jit(_pack, static_argnums=0)
-_unpack_jit = jax.jit(_unpack, static_argnums=0)
+_fields_jit = jax.jit(_fields_of, static_argnums=0)
 
 
 class TrainState:
@@ -252,13 +261,14 @@ class TrainState:
     def fields(self) -> TrainStateFields:
         if self._fields is None:
             children = list(self._children)
-            unpack = _unpack if _traced(children) else _unpack_jit
-            leaves = unpack(self._layout, children)
-            fields = jax.tree.unflatten(self._layout.treedef, leaves)
-            if self._layout.key_impl is not None:
-                key = jax.random.wrap_key_data(fields.key, impl=self._layout.key_impl)
-                fields = fields._replace(key=key)
-            self._fields = fields
+            if _traced(children):
+                self._fields = _fields_of(self._layout, children)
+            elif all(isinstance(c, jax.Array | np.ndarray) for c in children):
+                self._fields = _fields_jit(self._layout, children)
+            else:  # abstract, e.g. from jax.eval_shape: shapes and dtypes only
+                self._fields = jax.eval_shape(
+                    lambda c: _fields_of(self._layout, c), children
+                )
         return self._fields
 
     step = property(lambda self: self.fields.step)

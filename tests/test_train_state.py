@@ -220,3 +220,12 @@ def test_jit_step_compiles_with_options_only_at_the_top_level():
     np.testing.assert_array_equal(f(jnp.ones(2)), [2.0, 2.0])
     plain = jit_step(lambda x: x * 2, donate=False)
     assert isinstance(plain, type(jax.jit(lambda x: x)))
+
+
+def test_abstract_state_from_eval_shape_has_abstract_fields():
+    abstract = jax.eval_shape(lambda: _create(empty=False))
+    assert isinstance(abstract.params["w"], jax.ShapeDtypeStruct)
+    assert abstract.params["w"].shape == (5, 3)
+    assert abstract.params["half"].dtype == jnp.bfloat16
+    assert abstract.step.dtype == jnp.int32
+    assert jax.dtypes.issubdtype(abstract.key.dtype, jax.dtypes.prng_key)
