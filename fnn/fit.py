@@ -26,7 +26,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from tqdm.auto import tqdm
 
 from fnn import data
@@ -41,7 +40,7 @@ from fnn.history import (
     write_history,
 )
 from fnn.train import leading_size
-from fnn.train_state import TrainState, scan_train_state
+from fnn.train_state import scan_train_state
 
 __all__ = ["fit"]
 
@@ -60,13 +59,7 @@ def _all_finite(tree: Any) -> jax.Array:
 def _scanned(train_step: Callable) -> Callable:
     """``train_step`` run over a leading axis of stacked batches, compiled once
     per step function (a resumed ``fit`` in the same process reuses it)."""
-    return jit_step(lambda ts, bs: _scan(train_step, ts, bs), donate=True)
-
-
-def _scan(train_step: Callable, ts: Any, batches: Any) -> tuple[Any, Any]:
-    if isinstance(ts, TrainState):
-        return scan_train_state(train_step, ts, batches)
-    return lax.scan(train_step, ts, batches)
+    return jit_step(lambda ts, bs: scan_train_state(train_step, ts, bs), donate=True)
 
 
 def _positive(name: str, value: Any, allow_none: bool = True) -> None:

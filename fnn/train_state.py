@@ -307,14 +307,15 @@ class TrainState:
 
 
 def scan_train_state(
-    one_step: Callable[[TrainState, Any], tuple[TrainState, Any]],
-    ts: TrainState,
+    one_step: Callable[[Any, Any], tuple[Any, Any]],
+    ts: Any,
     batches: Any,
-) -> tuple[TrainState, Any]:
+) -> tuple[Any, Any]:
     """``lax.scan(one_step, ts, batches)``, carrying the unpacked fields.
 
     Packing pays at the boundary of a call; between the steps of one scan the
-    carry stays unpacked, so no step slices or concatenates buffers.
+    carry stays unpacked, so no step slices or concatenates buffers. A ``ts``
+    that is not a :class:`TrainState` is scanned as it is.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, fnn
@@ -327,6 +328,9 @@ def scan_train_state(
       >>> int(ts.step), ts.params["w"]
       (3, Array([6., 6.], dtype=float32))
     """
+
+    if not isinstance(ts, TrainState):
+        return jax.lax.scan(one_step, ts, batches)
 
     def body(fields: TrainStateFields, batch: Any) -> tuple[TrainStateFields, Any]:
         new_ts, out = one_step(ts.replace(**fields._asdict()), batch)
