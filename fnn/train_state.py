@@ -41,7 +41,17 @@ PACK_MAX_SIZE = 4096
 
 
 class TrainStateFields(NamedTuple):
-    """The fields of a :class:`TrainState` as a plain pytree (nothing packed)."""
+    """The fields of a :class:`TrainState` as a plain pytree (nothing packed).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, fnn
+      >>> ts = fnn.TrainState.create({"w": jnp.ones(2)}, optax.sgd(0.1),
+      ...                            key=jax.random.key(0))
+      >>> ts.fields._fields
+      ('step', 'params', 'opt_state', 'state', 'key')
+      >>> len(jax.tree.leaves(ts.fields._replace(key=None)))  # step, w
+      2
+    """
 
     step: Any
     params: Any
@@ -259,6 +269,16 @@ class TrainState:
 
     @property
     def fields(self) -> TrainStateFields:
+        """All five fields, unpacked (read once, then kept).
+
+        Examples:
+          >>> import jax, jax.numpy as jnp, optax, fnn
+          >>> ts = fnn.TrainState.create({"w": jnp.ones(2)}, optax.sgd(0.1),
+          ...                            key=jax.random.key(0))
+          >>> out = jax.jit(lambda t: t)(ts)  # packed buffers only
+          >>> out.fields.params["w"]
+          Array([1., 1.], dtype=float32)
+        """
         if self._fields is None:
             children = list(self._children)
             if _traced(children):
