@@ -42,6 +42,16 @@ def _is_key(x: Any) -> bool:
     return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+def _key_impl(leaf: Any) -> str:
+    """The PRNG implementation's name of a key array or of an abstract one."""
+    if isinstance(leaf, jax.Array):
+        return str(jax.random.key_impl(leaf))
+    for name in ("threefry2x32", "rbg", "unsafe_rbg"):  # a ShapeDtypeStruct
+        if jax.random.key(0, impl=name).dtype == leaf.dtype:
+            return name
+    raise ValueError(f"Checkpointer: unknown PRNG key type {leaf.dtype}.")
+
+
 def _is_train_state(x: Any) -> bool:
     return isinstance(x, TrainState)
 
@@ -87,7 +97,7 @@ def _describe_leaves(tree: Any) -> tuple[list[dict[str, Any]], list[Any], Any]:
             record.update(
                 shape=list(leaf.shape),
                 dtype="prng_key",
-                impl=str(jax.random.key_impl(leaf)),
+                impl=_key_impl(leaf),
             )
         else:
             record.update(shape=list(np.shape(leaf)), dtype=str(_dtype(leaf)))
@@ -317,8 +327,10 @@ class Checkpointer:
 
         Args:
           target: a pytree with the structure, shapes and dtypes of the saved
-            tree (e.g. a freshly created ``TrainState``); its arrays' shardings
-            say where the restored arrays go. Its values are not used.
+            tree (e.g. a freshly created ``TrainState``, or its abstract form
+            from ``jax.eval_shape``, which allocates nothing); its arrays'
+            shardings say where the restored arrays go. Its values are not
+            used.
           step: which checkpoint; ``None`` means the latest.
 
         Returns:

@@ -222,10 +222,15 @@ def test_jit_step_compiles_with_options_only_at_the_top_level():
     assert isinstance(plain, type(jax.jit(lambda x: x)))
 
 
-def test_abstract_state_from_eval_shape_has_abstract_fields():
+def test_abstract_state_from_eval_shape_has_abstract_fields_and_restores(tmp_path):
+    ts = _create(empty=False)
     abstract = jax.eval_shape(lambda: _create(empty=False))
     assert isinstance(abstract.params["w"], jax.ShapeDtypeStruct)
     assert abstract.params["w"].shape == (5, 3)
     assert abstract.params["half"].dtype == jnp.bfloat16
     assert abstract.step.dtype == jnp.int32
     assert jax.dtypes.issubdtype(abstract.key.dtype, jax.dtypes.prng_key)
+    with fnn.Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(0, ts)
+        restored, _ = ckpt.restore(abstract)
+    _assert_fields_equal(restored, ts)
