@@ -4,7 +4,7 @@ A jitted call pays for every array that goes in and comes out: on a 2-core CPU
 each leaf of the arguments and results costs a few microseconds of dispatch
 (``benchmarks/overhead.py``), which on a small model is more than the step's
 arithmetic. Adam keeps three arrays per parameter, so a three-layer MLP's
-train state is 20 arrays, and every step passes all of them twice.
+train state is 21 arrays, and every step passes all of them twice.
 
 :class:`TrainState` therefore *packs* its small leaves: every leaf with at most
 ``pack_max_size`` elements (default :data:`PACK_MAX_SIZE`) goes, flattened, into
