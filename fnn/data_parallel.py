@@ -39,6 +39,7 @@ from fnn.train import (
     TrainState,
     accumulate_gradients,
     apply_gradients,
+    check_step_counts,
     leading_size,
     scan_steps,
     step_key,
@@ -269,9 +270,7 @@ def make_parallel_train_step(
     """
     owner = "make_parallel_train_step"
     axis = _axis(mesh, owner)
-    for name, v in (("accum_steps", accum_steps), ("steps_per_call", steps_per_call)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{owner}: {name} must be a positive int, got {v!r}.")
+    check_step_counts(owner, accum_steps, steps_per_call)
     n = mesh.size
 
     def local_sums(params, state, batch, key):

@@ -54,6 +54,13 @@ __all__ = [
 Metrics = dict[str, jax.Array]
 
 
+def check_step_counts(owner: str, accum_steps: Any, steps_per_call: Any) -> None:
+    """Raises ``ValueError`` naming ``owner`` unless both are positive ints."""
+    for name, v in (("accum_steps", accum_steps), ("steps_per_call", steps_per_call)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{owner}: {name} must be a positive int, got {v!r}.")
+
+
 def check_aux_names(aux: dict) -> None:
     """Raises ``ValueError`` when ``aux`` uses a name the metrics reserve."""
     reserved = {"loss", "weight", "grad_norm"} & set(aux)
@@ -245,10 +252,10 @@ def make_train_step(
         parallel training; the step is then
         :func:`fnn.make_parallel_train_step`'s (same arguments).
       grad_norm: compute the ``grad_norm`` metric. It is one more reduction
-        over every gradient and one more output per step: on a tiny MLP
+        over the gradients and one more output per step: on a tiny MLP
         (64-32-32-10, batch 32, Adam) ``grad_norm=False`` made the step about
-        10-20% faster (benchmarks/overhead.py); on larger steps it is lost in
-        the noise. Not yet supported with ``mesh``.
+        10% faster (benchmarks/overhead.py); on larger steps it is lost in
+        the noise.
 
     Returns:
       The step. ``metrics`` is ``{"loss": loss_sum / weight, "weight": weight,
@@ -275,11 +282,7 @@ def make_train_step(
       >>> float(metrics["loss"]), int(ts.step)
       (1.0, 1)
     """
-    for name, v in (("accum_steps", accum_steps), ("steps_per_call", steps_per_call)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(
-                f"make_train_step: {name} must be a positive int, got {v!r}."
-            )
+    check_step_counts("make_train_step", accum_steps, steps_per_call)
     if mesh is not None:
         from fnn.data_parallel import make_parallel_train_step  # imports this file
 

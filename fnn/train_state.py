@@ -251,19 +251,14 @@ class TrainState:
           >>> ts.step.dtype
           dtype('int32')
         """
-        if not _is_key(key):
-            key = jax.random.wrap_key_data(key)
         # A copy: a donating step frees the state's buffers, and the caller's
         # key should outlive the state built from it.
-        key = jax.random.wrap_key_data(
-            jnp.copy(jax.random.key_data(key)), impl=jax.random.key_impl(key)
-        )
         return cls(
             jnp.zeros((), jnp.int32),
             params,
             optimizer.init(params),
             state,
-            key,
+            jnp.copy(key),
             pack_max_size=pack_max_size,
         )
 

@@ -77,9 +77,9 @@ def test_small_leaves_pack_into_one_buffer_per_dtype():
     n_fields = len(jax.tree.leaves(ts.fields._replace(key=None))) + 1
     packed = jax.tree_util.tree_flatten_with_path(ts)[0]
     names = [jax.tree_util.keystr(path) for path, _ in packed]
-    # float32 (w, b, scalar, empty, ids... and Adam's mu/nu of them), int32
-    # (step, count, ids, Adam's count), bfloat16 (half, mu, nu), the key data
-    # as one uint32 leaf, bool (one leaf: kept whole) and the three big ones.
+    # bfloat16 (half and its mu, nu), float32 (w, b, scalar, empty, mean and
+    # the mu, nu of the params), int32 (step, count, ids, Adam's count); the
+    # three big leaves, the one bool leaf and the key data stay whole.
     assert names == [
         ".packed_bfloat16",
         ".packed_float32",
@@ -212,7 +212,9 @@ def test_vmapped_ensemble_equals_members_trained_alone():
         np.testing.assert_allclose(metrics["loss"][i], m["loss"], rtol=1e-5)
 
 
-def test_jit_step_compiles_with_options_only_at_the_top_level():
+def test_jit_step_runs_nested_and_is_plain_jit_without_donation():
+    # That the top-level call compiles with the option is checked on the
+    # compiled program in test_overhead.py (no copies of donated weights).
     f = jit_step(lambda x: x * 2, donate=True)
     outer = jax.jit(lambda x: f(x) + 1)
     np.testing.assert_array_equal(outer(jnp.ones(2)), [3.0, 3.0])
