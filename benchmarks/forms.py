@@ -39,7 +39,7 @@ from _workloads import (
 )
 from steps import calibrate, compiled_stats, fmt, interleave, machine
 
-from fnn.compiling import compile_options
+from fnn.training.compiling import compile_options
 
 
 def mlp_in_out(params, x):

@@ -59,8 +59,8 @@ from _workloads import (
 from steps import calibrate, compiled_stats, fmt, interleave, machine
 
 import fnn
-from fnn.train import safe_divide
-from fnn.train_state import PACK_MAX_SIZE
+from fnn.training.step import safe_divide
+from fnn.training.train_state import PACK_MAX_SIZE
 
 FULL = {"grad_norm": True, "stacked": False, "key": "typed", "donate": True}
 DROPS = {

@@ -74,7 +74,7 @@ def all_curves(x: jax.Array) -> dict:
 
 
 def exported_activations() -> set[str]:
-    """The activation functions of ``fnn`` (lower case, from fnn.activations)."""
+    """The activation functions of ``fnn`` (lower case, from fnn.model.activations)."""
     return {
         name
         for name in fnn.__all__

@@ -5,8 +5,14 @@ params)`` and ``apply(params, x, *, key=None) -> y``; params are nested dicts of
 arrays. ``import fnn`` is all a script needs.
 """
 
-from fnn import data, losses
-from fnn.activations import (
+from fnn.gradcheck import (
+    GradCheckEntry,
+    GradCheckReport,
+    GradientCheckError,
+    check_grads,
+    check_layer,
+)
+from fnn.model.activations import (
     Elu,
     Gelu,
     HardTanh,
@@ -31,8 +37,7 @@ from fnn.activations import (
     swish,
     tanh,
 )
-from fnn.checkpoint import Checkpointer
-from fnn.combinators import (
+from fnn.model.combinators import (
     fan_in_concat,
     fan_in_sum,
     fan_out,
@@ -41,31 +46,13 @@ from fnn.combinators import (
     residual,
     serial,
 )
-from fnn.core import Layer, ShapeError, describe, fail, make_layer
-from fnn.data_parallel import (
-    data_mesh,
-    make_parallel_train_step,
-    psum_fused,
-    replicate,
-    shard_batch,
-)
-from fnn.distributed import initialize
-from fnn.evaluate import evaluate, make_eval_step
-from fnn.fit import fit
-from fnn.gradcheck import (
-    GradCheckEntry,
-    GradCheckReport,
-    GradientCheckError,
-    check_grads,
-    check_layer,
-)
-from fnn.history import NonFiniteLossError, write_history
-from fnn.layers.attention import MultiHeadAttention
-from fnn.layers.conv import Conv, ConvTranspose
-from fnn.layers.dense import Dense, Embed
-from fnn.layers.dropout import Dropout
-from fnn.layers.norm import BatchNorm, LayerNorm, RMSNorm
-from fnn.layers.pool import (
+from fnn.model.core import Layer, ShapeError, describe, fail, make_layer
+from fnn.model.layers.attention import MultiHeadAttention
+from fnn.model.layers.conv import Conv, ConvTranspose
+from fnn.model.layers.dense import Dense, Embed
+from fnn.model.layers.dropout import Dropout
+from fnn.model.layers.norm import BatchNorm, LayerNorm, RMSNorm
+from fnn.model.layers.pool import (
     AvgPool,
     GlobalMaxPool,
     GlobalMeanPool,
@@ -73,17 +60,30 @@ from fnn.layers.pool import (
     masked_max,
     masked_mean,
 )
-from fnn.layers.positional import (
+from fnn.model.layers.positional import (
     LearnedPositionalEmbedding,
     SinusoidalPositionalEmbedding,
 )
-from fnn.layers.recurrent import RNN, Cell, GRUCell, LSTMCell
-from fnn.layers.reshape import Flatten, Identity, Reshape
-from fnn.losses import accuracy, argmax, correct, one_hot, predict
-from fnn.repeat import repeat
-from fnn.state import StatefulModel, with_state
-from fnn.summary import count_params, summary
-from fnn.train import (
+from fnn.model.layers.recurrent import RNN, Cell, GRUCell, LSTMCell
+from fnn.model.layers.reshape import Flatten, Identity, Reshape
+from fnn.model.repeat import repeat
+from fnn.model.state import StatefulModel, with_state
+from fnn.model.summary import count_params, summary
+from fnn.training import data, losses
+from fnn.training.checkpoint import Checkpointer
+from fnn.training.distributed import initialize
+from fnn.training.evaluate import evaluate, make_eval_step
+from fnn.training.fit import fit
+from fnn.training.history import NonFiniteLossError, write_history
+from fnn.training.losses import accuracy, argmax, correct, one_hot, predict
+from fnn.training.parallel import (
+    data_mesh,
+    make_parallel_train_step,
+    psum_fused,
+    replicate,
+    shard_batch,
+)
+from fnn.training.step import (
     GradSums,
     TrainState,
     accumulate_gradients,

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import fnn
-from fnn.shapes import is_shape
+from fnn.model.shapes import is_shape
 
 BATCH = 3
 # Tolerances: jit may fuse and reorder float32 arithmetic.

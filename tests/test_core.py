@@ -267,12 +267,12 @@ def _counter():
     """A toy stateful layer: counts how often it was applied."""
 
     def init(key, shape):
-        fnn.state.declare_state("Counter()", jnp.zeros((), jnp.int32))
+        fnn.model.state.declare_state("Counter()", jnp.zeros((), jnp.int32))
         return shape, {}
 
     def apply(params, x, **kwargs):
-        n = fnn.state.read_state("Counter()")
-        fnn.state.write_state("Counter()", n + 1)
+        n = fnn.model.state.read_state("Counter()")
+        fnn.model.state.write_state("Counter()", n + 1)
         return x
 
     return fnn.make_layer("counter", "Counter()", init, apply)

@@ -81,7 +81,7 @@ def test_too_long_sequences_are_an_error(layer):
 
 
 def _kind(layer):
-    return fnn.core.layer_name(layer)
+    return fnn.model.core.layer_name(layer)
 
 
 def test_bad_arguments_and_shapes():

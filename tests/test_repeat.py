@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import fnn
-from fnn.state import declare_state, read_state, write_state
+from fnn.model.state import declare_state, read_state, write_state
 
 from suite import check_layer_properties, state_as_params
 

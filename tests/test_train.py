@@ -22,7 +22,7 @@ from test_accumulate import (
 )
 
 import fnn
-from fnn.state import declare_state, read_state, write_state
+from fnn.model.state import declare_state, read_state, write_state
 
 F32_RTOL = 1e-6
 

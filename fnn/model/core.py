@@ -79,6 +79,9 @@ class ShapeError(ValueError):
     """
 
 
+ShapeError.__module__ = "fnn"  # tracebacks print its public name, fnn.ShapeError
+
+
 def make_layer(name: str, desc: str, init_fn: InitFn, apply_fn: ApplyFn) -> Layer:
     """Builds a :class:`Layer` and tags it with a short name and a description.
 
@@ -171,7 +174,7 @@ def fail(desc: str, detail: str) -> NoReturn:
       >>> fnn.fail("Dense(features=10)", "expected rank 2, got 3.")
       Traceback (most recent call last):
       ...
-      fnn.core.ShapeError: Dense(features=10): expected rank 2, got 3.
+      fnn.ShapeError: Dense(features=10): expected rank 2, got 3.
     """
     place = current_place()
     at = f" at {place}" if place else ""
@@ -251,7 +254,7 @@ def is_training(key: jax.Array | None, train: bool | None) -> bool:
 
     Examples:
       >>> import jax
-      >>> from fnn.core import is_training
+      >>> from fnn.model.core import is_training
       >>> is_training(None, None), is_training(jax.random.key(0), None)
       (False, True)
       >>> is_training(jax.random.key(0), False)

@@ -100,7 +100,7 @@ class MetricLog:
 
     Examples:
       >>> import jax.numpy as jnp, fnn
-      >>> from fnn.history import MetricLog
+      >>> from fnn.training.history import MetricLog
       >>> log = MetricLog()
       >>> log.add(1, {"loss": jnp.array(1.0), "weight": jnp.array(3.0)})
       >>> log.add(2, {"loss": jnp.array(3.0), "weight": jnp.array(1.0)})

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from fnn.accumulate import leading_size
+from fnn.training.accumulate import leading_size
 
 _REMAINDERS = ("drop", "pad", "keep")
 

@@ -12,8 +12,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fnn.accumulate import LossFn, accumulator_dtype, unpack_loss_output
-from fnn.train import Metrics, TrainState, check_aux_names
+from fnn.training.accumulate import LossFn, accumulator_dtype, unpack_loss_output
+from fnn.training.step import Metrics, TrainState, check_aux_names
 
 __all__ = ["evaluate", "make_eval_step"]
 

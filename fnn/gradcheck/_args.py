@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fnn import _gradcheck_fd as fd
+from fnn.gradcheck import _fd as fd
 
 
 @dataclasses.dataclass(frozen=True)

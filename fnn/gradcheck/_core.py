@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fnn import _gradcheck_fd as fd
-from fnn._gradcheck_args import unflatten
-from fnn._gradcheck_report import GradCheckEntry
+from fnn.gradcheck import _fd as fd
+from fnn.gradcheck._args import unflatten
+from fnn.gradcheck._report import GradCheckEntry
 
 SAFETY = 4.0  # multiples of the finite-difference error estimate allowed
 NUM_RANDOM = 2  # dense Gaussian directions per leaf, on top of element/block ones

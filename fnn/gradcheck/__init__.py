@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fnn import _gradcheck_args as argsmod
-from fnn import _gradcheck_core as core
-from fnn import _gradcheck_fd as fd
-from fnn._gradcheck_report import GradCheckEntry, GradCheckReport, GradientCheckError
+from fnn.gradcheck import _args as argsmod
+from fnn.gradcheck import _core as core
+from fnn.gradcheck import _fd as fd
+from fnn.gradcheck._report import GradCheckEntry, GradCheckReport, GradientCheckError
 
 __all__ = [
     "GradCheckEntry",

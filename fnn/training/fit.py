@@ -28,19 +28,19 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from fnn import data
-from fnn.checkpoint import Checkpointer
-from fnn.compiling import jit_step
-from fnn.evaluate import evaluate
-from fnn.history import (
+from fnn.training import data
+from fnn.training.checkpoint import Checkpointer
+from fnn.training.compiling import jit_step
+from fnn.training.evaluate import evaluate
+from fnn.training.history import (
     History,
     MetricLog,
     history_format,
     non_finite_error,
     write_history,
 )
-from fnn.train import leading_size
-from fnn.train_state import scan_train_state
+from fnn.training.step import leading_size
+from fnn.training.train_state import scan_train_state
 
 __all__ = ["fit"]
 

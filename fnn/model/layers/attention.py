@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 from jax.nn import initializers
 
-from fnn.core import Layer, fail, make_layer, signature
-from fnn.layers.dense import Dense
-from fnn.shapes import check_shape, check_shapes, is_shape
+from fnn.model.core import Layer, fail, make_layer, signature
+from fnn.model.layers.dense import Dense
+from fnn.model.shapes import check_shape, check_shapes, is_shape
 
 
 def _known_features(desc: str, shape: tuple[int, ...], what: str) -> int:

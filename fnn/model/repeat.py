@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fnn.combinators import as_layers
-from fnn.core import (
+from fnn.model.combinators import as_layers
+from fnn.model.core import (
     Layer,
     apply_child,
     describe,
@@ -15,8 +15,8 @@ from fnn.core import (
     layer_name,
     make_layer,
 )
-from fnn.shapes import shapes_agree
-from fnn.state import declare_state, peek_state, run_apply, run_init, write_state
+from fnn.model.shapes import shapes_agree
+from fnn.model.state import declare_state, peek_state, run_apply, run_init, write_state
 
 
 def repeat(layer: Layer, n: int) -> Layer:

@@ -38,7 +38,7 @@ def compile_options(donate: bool) -> dict[str, Any]:
 
     Examples:
       >>> import jax
-      >>> from fnn.compiling import compile_options
+      >>> from fnn.training.compiling import compile_options
       >>> compile_options(False)
       {}
       >>> sorted(compile_options(True)) == (
@@ -60,7 +60,7 @@ def jit_step(step: Callable, *, donate: bool, **jit_kwargs: Any) -> Callable:
 
     Examples:
       >>> import jax, jax.numpy as jnp
-      >>> from fnn.compiling import jit_step
+      >>> from fnn.training.compiling import jit_step
       >>> f = jit_step(lambda x: x + 1, donate=True)
       >>> f(jnp.ones(2)), jax.vmap(f)(jnp.ones((3, 2))).shape
       (Array([2., 2.], dtype=float32), (3, 2))

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fnn.train_state import TrainState
+from fnn.training.train_state import TrainState
 
 __all__ = ["Checkpointer"]
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import jax
 
-from fnn.core import Layer, describe, init_child, recording
+from fnn.model.core import Layer, describe, init_child, recording
 
 
 def count_params(params: Any) -> int:

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from fnn.core import Layer, fail, make_layer, signature
-from fnn.shapes import check_shape
+from fnn.model.core import Layer, fail, make_layer, signature
+from fnn.model.shapes import check_shape
 
 
 def sigmoid(x: ArrayLike) -> jax.Array:
@@ -333,7 +333,7 @@ def Softmax(axis: int = -1) -> Layer:
       >>> fnn.Softmax(axis=5).init(jax.random.key(0), (-1, 10))
       Traceback (most recent call last):
       ...
-      fnn.core.ShapeError: Softmax(axis=5): axis 5 is out of range for an input of
+      fnn.ShapeError: Softmax(axis=5): axis 5 is out of range for an input of
       rank 2 (shape (-1, 10)).
     """
     a = _option("Softmax", "axis", axis, int)

@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fnn.core import Layer, fail, make_layer, signature
-from fnn.layers.conv import check_spatial_input, check_spatial_rank, kernel_tuple
-from fnn.shapes import (
+from fnn.model.core import Layer, fail, make_layer, signature
+from fnn.model.layers.conv import check_spatial_input, check_spatial_rank, kernel_tuple
+from fnn.model.shapes import (
     axes_arg,
     check_shape,
     non_batch_axes,

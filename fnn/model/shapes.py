@@ -1,7 +1,7 @@
 """Shape helpers shared by layers: checks at init and at trace time, windows.
 
 All of them run in Python while tracing; a jitted step pays nothing for them.
-Failures go through :func:`fnn.core.fail`, so they name the layer and its place.
+Failures go through :func:`fnn.model.core.fail`, so they name the layer and its place.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 
-from fnn.core import fail
+from fnn.model.core import fail
 
 Shape = tuple[int, ...]
 
@@ -102,8 +102,8 @@ def expand_left(a: jax.Array, ndim: int) -> jax.Array:
     explicit, so fnn runs under ``jax_numpy_rank_promotion="raise"``.
 
     Examples:
-      >>> import jax.numpy as jnp, fnn.shapes
-      >>> fnn.shapes.expand_left(jnp.ones(3), 3).shape
+      >>> import jax.numpy as jnp, fnn.model.shapes
+      >>> fnn.model.shapes.expand_left(jnp.ones(3), 3).shape
       (1, 1, 3)
     """
     return a.reshape((1,) * (ndim - a.ndim) + a.shape)
@@ -119,7 +119,7 @@ def window_tuple(owner: str, name: str, value: Any, n: int) -> tuple[int, ...]:
       ValueError: naming ``owner`` and ``name`` otherwise.
 
     Examples:
-      >>> from fnn.shapes import window_tuple
+      >>> from fnn.model.shapes import window_tuple
       >>> window_tuple("Conv", "strides", 2, 3)
       (2, 2, 2)
       >>> window_tuple("Conv", "strides", (1, 2), 2)
@@ -147,7 +147,7 @@ def window_padding(owner: str, padding: Any, n: int) -> str | tuple[tuple[int, i
       ValueError: naming ``owner`` for anything else.
 
     Examples:
-      >>> from fnn.shapes import window_padding
+      >>> from fnn.model.shapes import window_padding
       >>> window_padding("Conv", "same", 2)
       'SAME'
       >>> window_padding("Conv", [(1, 1), (0, 2)], 2)
@@ -178,7 +178,7 @@ def axes_arg(owner: str, axis: Any) -> tuple[int, ...]:
       ValueError: naming ``owner`` otherwise.
 
     Examples:
-      >>> from fnn.shapes import axes_arg
+      >>> from fnn.model.shapes import axes_arg
       >>> axes_arg("LayerNorm", -1), axes_arg("GlobalMeanPool", (1, 2))
       ((-1,), (1, 2))
     """
@@ -204,7 +204,7 @@ def non_batch_axes(desc: str, axes: tuple[int, ...], shape: Shape) -> Shape:
         repeated axis, or the batch axis 0.
 
     Examples:
-      >>> from fnn.shapes import non_batch_axes
+      >>> from fnn.model.shapes import non_batch_axes
       >>> non_batch_axes("GlobalMeanPool(axis=(-2, 1))", (-2, 1), (-1, 5, 6, 3))
       (1, 2)
     """

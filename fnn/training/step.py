@@ -21,15 +21,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fnn.accumulate import (
+from fnn.training.accumulate import (
     GradSums,
     LossFn,
     accumulate_gradients,
     leading_size,
     safe_divide,
 )
-from fnn.compiling import jit_step
-from fnn.train_state import (
+from fnn.training.compiling import jit_step
+from fnn.training.train_state import (
     PACK_MAX_SIZE,
     TrainState,
     TrainStateFields,
@@ -78,7 +78,7 @@ def global_norm(tree: Any) -> jax.Array:
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> from fnn.train import global_norm
+      >>> from fnn.training.step import global_norm
       >>> float(global_norm({"a": jnp.array([3.0]), "b": jnp.array([[4.0]])}))
       5.0
     """
@@ -103,7 +103,7 @@ def metrics_from_sums(sums: GradSums, *, grad_norm: bool = True) -> Metrics:
 
     Examples:
       >>> import jax.numpy as jnp, fnn
-      >>> from fnn.train import metrics_from_sums
+      >>> from fnn.training.step import metrics_from_sums
       >>> sums = fnn.GradSums({"w": jnp.array(6.0)}, jnp.array(3.0), {},
       ...                     jnp.array(9.0), {})
       >>> sorted(metrics_from_sums(sums)), float(metrics_from_sums(sums)["grad_norm"])
@@ -284,7 +284,7 @@ def make_train_step(
     """
     check_step_counts("make_train_step", accum_steps, steps_per_call)
     if mesh is not None:
-        from fnn.data_parallel import make_parallel_train_step  # imports this file
+        from fnn.training.parallel import make_parallel_train_step  # imports this file
 
         return make_parallel_train_step(
             loss_fn,

@@ -334,7 +334,7 @@ def scan_train_state(
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, fnn
-      >>> from fnn.train_state import scan_train_state
+      >>> from fnn.training.train_state import scan_train_state
       >>> ts = fnn.TrainState.create({"w": jnp.ones(2)}, optax.sgd(1.0),
       ...                            key=jax.random.key(0))
       >>> def one_step(ts, x):

@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fnn.core import Layer, fail, is_training, make_layer, signature
+from fnn.model.core import Layer, fail, is_training, make_layer, signature
 
 
 def Dropout(rate: float, *, broadcast_dims: tuple[int, ...] = ()) -> Layer:

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.nn import initializers
 
-from fnn.core import Layer, fail, make_layer, signature
-from fnn.shapes import check_shape, expand_left, window_padding, window_tuple
+from fnn.model.core import Layer, fail, make_layer, signature
+from fnn.model.shapes import check_shape, expand_left, window_padding, window_tuple
 
 _NUMBERS = {
     1: ("NWC", "WIO", "NWC"),

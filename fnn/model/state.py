@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from fnn.core import Layer, current_keys, fail
+from fnn.model.core import Layer, current_keys, fail
 
 
 class _StateFrame:

@@ -16,10 +16,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.nn import initializers
 
-from fnn.core import Layer, fail, is_training, make_layer, signature
-from fnn.layers.pool import broadcast_mask, mask_error
-from fnn.shapes import axes_arg, check_shape, non_batch_axes
-from fnn.state import declare_state, read_state, write_state
+from fnn.model.core import Layer, fail, is_training, make_layer, signature
+from fnn.model.layers.pool import broadcast_mask, mask_error
+from fnn.model.shapes import axes_arg, check_shape, non_batch_axes
+from fnn.model.state import declare_state, read_state, write_state
 
 
 def _check_epsilon(owner: str, epsilon: Any) -> None:
@@ -57,7 +57,7 @@ def _check_features(desc: str, x: jax.Array, axes: tuple[int, ...], want: Any) -
 def _broadcastable(v: jax.Array, rank: int, axes: tuple[int, ...]) -> jax.Array:
     """A per-feature array ``v`` reshaped to broadcast against an input of ``rank``.
 
-    Unlike :func:`fnn.shapes.expand_left`, the feature axes need not be trailing.
+    Unlike :func:`fnn.model.shapes.expand_left`, the feature axes need not be trailing.
     """
     it = iter(v.shape)
     return v.reshape(tuple(next(it) if i in axes else 1 for i in range(rank)))

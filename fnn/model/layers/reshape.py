@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from fnn.core import Layer, fail, make_layer, signature
-from fnn.shapes import check_shape
+from fnn.model.core import Layer, fail, make_layer, signature
+from fnn.model.shapes import check_shape
 
 
 def Identity() -> Layer:

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.nn import initializers
 
-from fnn.core import Layer, fail, make_layer, signature
-from fnn.shapes import check_shape, expand_left
+from fnn.model.core import Layer, fail, make_layer, signature
+from fnn.model.shapes import check_shape, expand_left
 
 
 def _check_positive(owner: str, name: str, v: Any, optional: bool = False) -> None:
@@ -51,7 +51,7 @@ def sinusoidal_table(length: int, features: int, base: float = 10000.0) -> np.nd
     compiled program.
 
     Examples:
-      >>> from fnn.layers.positional import sinusoidal_table
+      >>> from fnn.model.layers.positional import sinusoidal_table
       >>> sinusoidal_table(3, 4)[1].round(4)
       array([0.8415, 0.5403, 0.01  , 1.    ])
     """

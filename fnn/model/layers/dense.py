@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 from jax.nn import initializers
 
-from fnn.core import Layer, fail, make_layer, signature
-from fnn.shapes import check_shape, expand_left
+from fnn.model.core import Layer, fail, make_layer, signature
+from fnn.model.shapes import check_shape, expand_left
 
 
 def Dense(

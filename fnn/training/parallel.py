@@ -33,8 +33,8 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fnn.compiling import jit_step
-from fnn.train import (
+from fnn.training.compiling import jit_step
+from fnn.training.step import (
     Metrics,
     TrainState,
     accumulate_gradients,

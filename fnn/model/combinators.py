@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fnn.core import (
+from fnn.model.core import (
     Layer,
     apply_child,
     describe,
@@ -21,7 +21,7 @@ from fnn.core import (
     layer_name,
     make_layer,
 )
-from fnn.shapes import check_shape, check_shapes, shapes_agree
+from fnn.model.shapes import check_shape, check_shapes, shapes_agree
 
 
 def named(name: str, layer: Layer) -> Layer:
