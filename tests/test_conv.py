@@ -300,7 +300,7 @@ def test_groups_errors():
     [
         (lambda: fnn.Conv(4, 3), r"Conv: expected kernel_size to be a tuple, e\.g\."),
         (lambda: fnn.Conv(4, (3, 3, 3, 3)), "tuple of 1, 2 or 3 positive ints"),
-        (lambda: fnn.Conv(0, (3,)), "positive int features"),
+        (lambda: fnn.Conv(0, (3,)), "features to be a positive int"),
         (lambda: fnn.Conv(4, (3, 3), strides=(1, 2, 3)), "strides to be a positive"),
         (lambda: fnn.Conv(4, (3,), padding="FULL"), "expected padding 'SAME'"),
         (lambda: fnn.ConvTranspose(4, (3,), dilation=0), "dilation to be a positive"),

@@ -200,8 +200,26 @@ def test_init_errors(layer, shape, message):
     ],
 )
 def test_constructor_argument_errors(make):
-    with pytest.raises(ValueError, match="expected (a|positive)"):
+    with pytest.raises(ValueError, match="positive int|expected a non-empty"):
         make()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda n: fnn.Dense(n),
+        lambda n: fnn.Embed(n, n),
+        lambda n: fnn.Conv(n, (n, n)),
+        lambda n: fnn.Reshape((n, n)),
+        lambda n: fnn.MaxPool((n,), strides=n),
+        lambda n: fnn.repeat(fnn.Identity(), n),
+    ],
+)
+def test_numpy_integers_are_accepted_and_bools_refused(make):
+    np_layer, py_layer = make(np.int64(3)), make(3)
+    chex.assert_equal(repr(np_layer), repr(py_layer))
+    with pytest.raises(ValueError, match=r"positive int.*got \(?True"):
+        make(True)
 
 
 def test_fan_in_concat_shapes():

@@ -14,7 +14,6 @@ Examples:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import jax
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from fnn.model.core import Layer, fail, make_layer, signature
+from fnn.model.options import boolean, integer, number
 from fnn.model.shapes import check_shape
 
 
@@ -197,16 +197,6 @@ def _activation(
     return make_layer(kind, desc, init_fn, apply_fn)
 
 
-def _option(constructor: str, name: str, value, kind: type = float):
-    """Checks a constructor's option: a finite number, an int, or a bool."""
-    ok = isinstance(value, kind) if kind is bool else not isinstance(value, bool)
-    ok = ok and isinstance(value, (int, float) if kind is float else kind)
-    if not ok or (kind is float and not math.isfinite(value)):
-        what = {float: "a finite number", int: "an int", bool: "a bool"}[kind]
-        raise ValueError(f"{constructor}: expected {what} {name}, got {value!r}.")
-    return value
-
-
 def Sigmoid() -> Layer:
     """The layer of :func:`fnn.sigmoid`; the head for two classes.
 
@@ -267,7 +257,7 @@ def LeakyRelu(negative_slope: float = 0.01) -> Layer:
       >>> fnn.LeakyRelu(0.2).apply({}, jnp.array([-1.0, 1.0]))
       Array([-0.2,  1. ], dtype=float32)
     """
-    s = _option("LeakyRelu", "negative_slope", negative_slope)
+    s = number("LeakyRelu", "negative_slope", negative_slope)
     desc = signature("LeakyRelu", negative_slope=s)
     return _activation("leaky_relu", desc, lambda x: leaky_relu(x, s))
 
@@ -288,7 +278,7 @@ def Swish(beta: float = 1.0) -> Layer:
       >>> fnn.Swish(beta=2.0).apply({}, jnp.array([0.0, 1.0]))
       Array([0.       , 0.8807971], dtype=float32)
     """
-    b = _option("Swish", "beta", beta)
+    b = number("Swish", "beta", beta)
     return _activation("swish", signature("Swish", beta=b), lambda x: swish(x, b))
 
 
@@ -310,7 +300,7 @@ def Gelu(approximate: bool = False) -> Layer:
       >>> fnn.Gelu().apply({}, jnp.array([1.0]))
       Array([0.8413447], dtype=float32)
     """
-    _option("Gelu", "approximate", approximate, bool)
+    boolean("Gelu", "approximate", approximate)
     desc = signature("Gelu", approximate=approximate)
     return _activation("gelu", desc, lambda x: gelu(x, approximate))
 
@@ -336,7 +326,7 @@ def Softmax(axis: int = -1) -> Layer:
       fnn.ShapeError: Softmax(axis=5): axis 5 is out of range for an input of
       rank 2 (shape (-1, 10)).
     """
-    a = _option("Softmax", "axis", axis, int)
+    a = integer("Softmax", "axis", axis)
     desc = signature("Softmax", axis=a)
     return _activation("softmax", desc, lambda x: softmax(x, a), axis=a)
 
@@ -357,7 +347,7 @@ def LogSoftmax(axis: int = -1) -> Layer:
       >>> fnn.LogSoftmax().apply({}, jnp.zeros((1, 2)))
       Array([[-0.6931472, -0.6931472]], dtype=float32)
     """
-    a = _option("LogSoftmax", "axis", axis, int)
+    a = integer("LogSoftmax", "axis", axis)
     desc = signature("LogSoftmax", axis=a)
     return _activation("log_softmax", desc, lambda x: log_softmax(x, a), axis=a)
 
@@ -377,7 +367,7 @@ def Elu(alpha: float = 1.0) -> Layer:
       >>> fnn.Elu(alpha=2.0).apply({}, jnp.array([-1e4]))
       Array([-2.], dtype=float32)
     """
-    a = _option("Elu", "alpha", alpha)
+    a = number("Elu", "alpha", alpha)
     return _activation("elu", signature("Elu", alpha=a), lambda x: elu(x, a))
 
 

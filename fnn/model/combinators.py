@@ -21,6 +21,7 @@ from fnn.model.core import (
     layer_name,
     make_layer,
 )
+from fnn.model.options import positive_int
 from fnn.model.shapes import check_shape, check_shapes, shapes_agree
 
 
@@ -176,8 +177,7 @@ def fan_out(n: int) -> Layer:
       >>> fnn.fan_out(2).init(jax.random.key(0), (-1, 3))
       (((-1, 3), (-1, 3)), {})
     """
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"fan_out: expected a positive number of copies, got {n!r}.")
+    n = positive_int("fan_out", "n (the number of copies)", n)
     desc = f"fan_out({n})"
 
     def init_fn(rng, input_shape):

@@ -15,6 +15,7 @@ from fnn.model.core import (
     layer_name,
     make_layer,
 )
+from fnn.model.options import positive_int
 from fnn.model.shapes import shapes_agree
 from fnn.model.state import declare_state, peek_state, run_apply, run_init, write_state
 
@@ -60,8 +61,7 @@ def repeat(layer: Layer, n: int) -> Layer:
       >>> deep.apply(params, jnp.ones((2, 4))).shape
       (2, 4)
     """
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"repeat: expected a positive number of copies, got {n!r}.")
+    n = positive_int("repeat", "n (the number of copies)", n)
     (layer,) = as_layers("repeat", (layer,))
     k = getattr(layer[0], "fnn_key", None) or layer_name(layer)
     desc = f"repeat({describe(layer)}, n={n})"

@@ -6,13 +6,13 @@ Failures go through :func:`fnn.model.core.fail`, so they name the layer and its 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 
 from fnn.model.core import fail
+from fnn.model.options import as_int, int_tuple
 
 Shape = tuple[int, ...]
 
@@ -70,31 +70,6 @@ def shapes_agree(a: Sequence[int], b: Sequence[int]) -> bool:
     return len(a) == len(b) and all(dims_agree(x, y) for x, y in zip(a, b))
 
 
-def size(shape: Sequence[int]) -> int:
-    """The number of elements of a shape without unknown (``-1``) dimensions."""
-    return math.prod(shape)
-
-
-def check_input(
-    desc: str, x: Any, expected: Sequence[int], what: str = "input"
-) -> None:
-    """Checks at trace time that ``x.shape`` agrees with ``expected`` (-1 wildcard).
-
-    ``expected`` may be shorter than ``x.shape``; then only the trailing
-    dimensions are compared.
-    """
-    shape = getattr(x, "shape", None)
-    if shape is None:
-        fail(desc, f"expected an array {what}, got {type(x).__name__}.")
-    tail = tuple(shape[len(shape) - len(expected) :]) if len(expected) else ()
-    if len(shape) < len(expected) or not shapes_agree(tail, tuple(expected)):
-        fail(
-            desc,
-            f"expected {what} with trailing dimensions {tuple(expected)!r}, "
-            f"got shape {tuple(shape)!r}.",
-        )
-
-
 def expand_left(a: jax.Array, ndim: int) -> jax.Array:
     """``a`` reshaped to rank ``ndim`` by adding leading axes of size 1.
 
@@ -113,7 +88,7 @@ def window_tuple(owner: str, name: str, value: Any, n: int) -> tuple[int, ...]:
     """Normalises a per-spatial-dimension option (strides, dilation) to ``n`` ints.
 
     An int means the same value for every spatial dimension; a sequence must
-    have exactly ``n`` positive ints.
+    have exactly ``n`` positive ints (numpy integers included).
 
     Raises:
       ValueError: naming ``owner`` and ``name`` otherwise.
@@ -125,19 +100,22 @@ def window_tuple(owner: str, name: str, value: Any, n: int) -> tuple[int, ...]:
       >>> window_tuple("Conv", "strides", (1, 2), 2)
       (1, 2)
     """
-    items = (value,) * n if isinstance(value, int) else value
-    try:
-        items = tuple(items)
-    except TypeError:
-        items = ()
-    if len(items) != n or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in items
-    ):
-        raise ValueError(
-            f"{owner}: expected {name} to be a positive int or a tuple of {n} "
-            f"positive ints, got {value!r}."
-        )
-    return items
+    return int_tuple(owner, name, value, n)
+
+
+def kernel_tuple(
+    owner: str, kernel_size: Any, name: str = "kernel_size"
+) -> tuple[int, ...]:
+    """Checks a window (``kernel_size``, a pooling window): 1 to 3 positive ints.
+
+    A bare int is refused: ``Conv(8, 3)`` could mean 1-D or 2-D, so fnn asks.
+
+    Examples:
+      >>> from fnn.model.shapes import kernel_tuple
+      >>> kernel_tuple("Conv", (3, 3))
+      (3, 3)
+    """
+    return int_tuple(owner, name, kernel_size, allow_int=False)
 
 
 def window_padding(owner: str, padding: Any, n: int) -> str | tuple[tuple[int, int]]:
@@ -161,10 +139,11 @@ def window_padding(owner: str, padding: Any, n: int) -> str | tuple[tuple[int, i
             pairs = tuple(tuple(p) for p in padding)
         except TypeError:
             pairs = ()
-        if len(pairs) == n and all(
-            len(p) == 2 and all(isinstance(v, int) and v >= 0 for v in p) for p in pairs
+        ints = [tuple(as_int(v) for v in p) for p in pairs]
+        if len(ints) == n and all(
+            len(p) == 2 and all(v is not None and v >= 0 for v in p) for p in ints
         ):
-            return pairs
+            return tuple(ints)
     raise ValueError(
         f"{owner}: expected padding 'SAME', 'VALID' or {n} (low, high) pairs of "
         f"non-negative ints, got {padding!r}."
@@ -182,14 +161,12 @@ def axes_arg(owner: str, axis: Any) -> tuple[int, ...]:
       >>> axes_arg("LayerNorm", -1), axes_arg("GlobalMeanPool", (1, 2))
       ((-1,), (1, 2))
     """
-    axes = (axis,) if isinstance(axis, int) else axis
+    axes = (axis,) if as_int(axis) is not None else axis
     try:
-        axes = tuple(axes)
+        axes = tuple(as_int(a) for a in axes)
     except TypeError:
         axes = ()
-    if not axes or not all(
-        isinstance(a, int) and not isinstance(a, bool) for a in axes
-    ):
+    if not axes or any(a is None for a in axes):
         raise ValueError(
             f"{owner}: expected an int axis or a tuple of them, got {axis!r}."
         )

@@ -10,6 +10,7 @@ from jax.nn import initializers
 
 from fnn.model.core import Layer, fail, make_layer, signature
 from fnn.model.layers.dense import Dense
+from fnn.model.options import positive_int
 from fnn.model.shapes import check_shape, check_shapes, is_shape
 
 
@@ -186,15 +187,10 @@ def MultiHeadAttention(
       >>> cross.init(jax.random.key(0), ((-1, 4, 8), (-1, 6, 5)))[0]
       (-1, 4, 3)
     """
-    if not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(
-            f"MultiHeadAttention: expected a positive num_heads, got {num_heads!r}."
-        )
-    for name, v in (("qkv_features", qkv_features), ("out_features", out_features)):
-        if v is not None and (not isinstance(v, int) or v < 1):
-            raise ValueError(
-                f"MultiHeadAttention: expected a positive {name} or None, got {v!r}."
-            )
+    owner = "MultiHeadAttention"
+    num_heads = positive_int(owner, "num_heads", num_heads)
+    qkv_features = positive_int(owner, "qkv_features", qkv_features, optional=True)
+    out_features = positive_int(owner, "out_features", out_features, optional=True)
     options = {"qkv_features": qkv_features, "out_features": out_features}
     options = {k: v for k, v in options.items() if v is not None}
     if causal:

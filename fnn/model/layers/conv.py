@@ -17,7 +17,14 @@ from jax import lax
 from jax.nn import initializers
 
 from fnn.model.core import Layer, fail, make_layer, signature
-from fnn.model.shapes import check_shape, expand_left, window_padding, window_tuple
+from fnn.model.options import positive_int
+from fnn.model.shapes import (
+    check_shape,
+    expand_left,
+    kernel_tuple,
+    window_padding,
+    window_tuple,
+)
 
 _NUMBERS = {
     1: ("NWC", "WIO", "NWC"),
@@ -31,38 +38,8 @@ _AXES = {
 }
 
 
-def kernel_tuple(
-    owner: str, kernel_size: Any, name: str = "kernel_size"
-) -> tuple[int, ...]:
-    """Checks a window (``kernel_size``, a pooling window): 1 to 3 positive ints."""
-    if isinstance(kernel_size, int):
-        raise ValueError(
-            f"{owner}: expected {name} to be a tuple, e.g. (3,) for 1-D or "
-            f"(3, 3) for 2-D, got the int {kernel_size!r}."
-        )
-    try:
-        ks = tuple(kernel_size)
-    except TypeError:
-        ks = ()
-    if not 1 <= len(ks) <= 3 or not all(
-        isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks
-    ):
-        raise ValueError(
-            f"{owner}: expected {name} to be a tuple of 1, 2 or 3 positive "
-            f"ints, got {kernel_size!r}."
-        )
-    return ks
-
-
-def _positive(owner: str, name: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{owner}: expected a positive int {name}, got {value!r}.")
-    return value
-
-
 def _window_options(
     owner: str,
-    features: int,
     kernel_size: Any,
     strides: Any,
     dilation: Any,
@@ -72,7 +49,6 @@ def _window_options(
     strides, dilation (tuples of the kernel's rank) and the padding."""
     ks = kernel_tuple(owner, kernel_size)
     n = len(ks)
-    _positive(owner, "features", features)
     strides_t = window_tuple(owner, "strides", strides, n)
     dilation_t = window_tuple(owner, "dilation", dilation, n)
     return ks, strides_t, dilation_t, window_padding(owner, padding, n)
@@ -217,11 +193,12 @@ def Conv(
       >>> conv.apply(params, jnp.ones((2, 28, 28, 1))).shape
       (2, 14, 14, 8)
     """
+    features = positive_int("Conv", "features", features)
     ks, strides_t, dilation_t, pad = _window_options(
-        "Conv", features, kernel_size, strides, dilation, padding
+        "Conv", kernel_size, strides, dilation, padding
     )
     n = len(ks)
-    groups = _positive("Conv", "feature_group_count", feature_group_count)
+    groups = positive_int("Conv", "feature_group_count", feature_group_count)
     if features % groups:
         raise ValueError(
             f"Conv: features={features} is not divisible by "
@@ -327,8 +304,9 @@ def ConvTranspose(
       >>> up.apply(params, jnp.ones((2, 7, 7, 8))).shape
       (2, 14, 14, 4)
     """
+    features = positive_int("ConvTranspose", "features", features)
     ks, strides_t, dilation_t, pad = _window_options(
-        "ConvTranspose", features, kernel_size, strides, dilation, padding
+        "ConvTranspose", kernel_size, strides, dilation, padding
     )
     n = len(ks)
     desc = _describe(

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from jax.nn import initializers
 
 from fnn.model.core import Layer, fail, make_layer, signature
+from fnn.model.options import positive_int
 from fnn.model.shapes import check_shape, expand_left
 
 
@@ -49,10 +50,7 @@ def Dense(
       >>> layer.apply(params, jnp.ones((2, 5, 4))).shape
       (2, 5, 3)
     """
-    if not isinstance(features, int) or features < 1:
-        raise ValueError(
-            f"Dense: expected a positive number of features, got {features!r}."
-        )
+    features = positive_int("Dense", "features", features)
     desc = signature("Dense", features=features)
 
     def init_fn(key, input_shape):
@@ -114,9 +112,8 @@ def Embed(
       >>> layer.apply(params, jnp.zeros((2, 7), jnp.int32)).shape
       (2, 7, 4)
     """
-    for name, v in (("vocab_size", vocab_size), ("features", features)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"Embed: expected a positive {name}, got {v!r}.")
+    vocab_size = positive_int("Embed", "vocab_size", vocab_size)
+    features = positive_int("Embed", "features", features)
     desc = signature("Embed", vocab_size=vocab_size, features=features)
 
     def init_fn(key, input_shape):

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from fnn.model.core import Layer, fail, is_training, make_layer, signature
+from fnn.model.options import as_int, number
 
 
 def Dropout(rate: float, *, broadcast_dims: tuple[int, ...] = ()) -> Layer:
@@ -47,20 +48,19 @@ def Dropout(rate: float, *, broadcast_dims: tuple[int, ...] = ()) -> Layer:
       >>> sorted(set(y.ravel().tolist()))  # dropped, or kept and doubled
       [0.0, 2.0]
     """
-    if (
-        isinstance(rate, bool)
-        or not isinstance(rate, (int, float))
-        or not 0.0 <= rate < 1.0
-    ):
-        raise ValueError(
-            f"Dropout: expected rate, the probability of dropping a unit, in "
-            f"[0, 1), got {rate!r}."
-        )
+    rate = number(
+        "Dropout",
+        "rate (the probability of dropping a unit)",
+        rate,
+        low=0.0,
+        high=1.0,
+        high_open=True,
+    )
     try:
-        bdims = tuple(broadcast_dims)
+        bdims = tuple(as_int(d) for d in broadcast_dims)
     except TypeError:
         bdims = (None,)
-    if not all(isinstance(d, int) and not isinstance(d, bool) for d in bdims):
+    if any(d is None for d in bdims):
         raise ValueError(
             f"Dropout: expected broadcast_dims to be a tuple of ints, "
             f"got {broadcast_dims!r}."

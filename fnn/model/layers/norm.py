@@ -18,17 +18,13 @@ from jax.nn import initializers
 
 from fnn.model.core import Layer, fail, is_training, make_layer, signature
 from fnn.model.layers.pool import broadcast_mask, mask_error
+from fnn.model.options import number
 from fnn.model.shapes import axes_arg, check_shape, non_batch_axes
 from fnn.model.state import declare_state, read_state, write_state
 
 
 def _check_epsilon(owner: str, epsilon: Any) -> None:
-    if (
-        isinstance(epsilon, bool)
-        or not isinstance(epsilon, (int, float))
-        or epsilon <= 0
-    ):
-        raise ValueError(f"{owner}: expected a positive epsilon, got {epsilon!r}.")
+    number(owner, "epsilon", epsilon, low=0.0, low_open=True)
 
 
 def _resolve(
@@ -301,12 +297,7 @@ def BatchNorm(
       >>> y, state = model.apply(params, state, x, train=True)  # batch statistics
       >>> y, _ = model.apply(params, state, x)  # no key: running statistics
     """
-    if (
-        isinstance(momentum, bool)
-        or not isinstance(momentum, (int, float))
-        or not (0.0 <= momentum < 1.0)
-    ):
-        raise ValueError(f"BatchNorm: expected momentum in [0, 1), got {momentum!r}.")
+    number("BatchNorm", "momentum", momentum, low=0.0, high=1.0, high_open=True)
     _check_epsilon("BatchNorm", epsilon)
     axes = axes_arg("BatchNorm", axis)
     shown = {"momentum": momentum} if momentum != 0.99 else {}

@@ -18,10 +18,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from fnn.model.core import Layer, fail, make_layer, signature
-from fnn.model.layers.conv import check_spatial_input, check_spatial_rank, kernel_tuple
+from fnn.model.layers.conv import check_spatial_input, check_spatial_rank
+from fnn.model.options import as_int
 from fnn.model.shapes import (
     axes_arg,
     check_shape,
+    kernel_tuple,
     non_batch_axes,
     window_padding,
     window_tuple,
@@ -147,7 +149,7 @@ def _window_pool(
     st = (1,) * n if strides is None else window_tuple(owner, "strides", strides, n)
     pad = window_padding(owner, padding, n)
     if strides is not None:
-        shown = {"strides": strides} | shown
+        shown = {"strides": st[0] if as_int(strides) is not None else st} | shown
     if padding != "VALID":
         shown = {"padding": padding} | shown
     desc = signature(owner, ws, **shown)

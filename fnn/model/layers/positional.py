@@ -9,15 +9,8 @@ import numpy as np
 from jax.nn import initializers
 
 from fnn.model.core import Layer, fail, make_layer, signature
+from fnn.model.options import number, positive_int
 from fnn.model.shapes import check_shape, expand_left
-
-
-def _check_positive(owner: str, name: str, v: Any, optional: bool = False) -> None:
-    if optional and v is None:
-        return
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        extra = " or None" if optional else ""
-        raise ValueError(f"{owner}: expected a positive {name}{extra}, got {v!r}.")
 
 
 def _check_sequence(
@@ -92,11 +85,9 @@ def SinusoidalPositionalEmbedding(
       >>> pe.apply({}, jnp.zeros((1, 5, 4)))[0, 1].round(4)
       Array([0.8415, 0.5403, 0.01  , 1.    ], dtype=float32)
     """
-    _check_positive("SinusoidalPositionalEmbedding", "max_len", max_len, True)
-    if not base > 0:
-        raise ValueError(
-            f"SinusoidalPositionalEmbedding: expected a positive base, got {base!r}."
-        )
+    owner = "SinusoidalPositionalEmbedding"
+    max_len = positive_int(owner, "max_len", max_len, optional=True)
+    base = number(owner, "base", base, low=0.0, low_open=True)
     options = {"max_len": max_len} if max_len is not None else {}
     if base != 10000.0:
         options["base"] = base
@@ -149,8 +140,8 @@ def LearnedPositionalEmbedding(
       >>> pe.apply(params, jnp.zeros((2, 5, 4))).shape
       (2, 5, 4)
     """
-    _check_positive("LearnedPositionalEmbedding", "max_len", max_len)
-    _check_positive("LearnedPositionalEmbedding", "features", features)
+    max_len = positive_int("LearnedPositionalEmbedding", "max_len", max_len)
+    features = positive_int("LearnedPositionalEmbedding", "features", features)
     desc = signature("LearnedPositionalEmbedding", max_len=max_len, features=features)
 
     def init_fn(key, input_shape):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax.nn import initializers
 
 from fnn.model.core import Layer, fail, make_layer, signature
+from fnn.model.options import positive_int
 from fnn.model.shapes import check_shape, expand_left
 
 
@@ -89,11 +90,6 @@ def _check_step_input(desc: str, params: dict, x: jax.Array) -> None:
         )
 
 
-def _check_features(name: str, features: Any) -> None:
-    if not isinstance(features, int) or features < 1:
-        raise ValueError(f"{name}: expected a positive features, got {features!r}.")
-
-
 def GRUCell(
     features: int,
     *,
@@ -131,8 +127,7 @@ def GRUCell(
       >>> params["input"]["w"].shape, params["hidden"]["w"].shape
       ((3, 12), (4, 12))
     """
-    _check_features("GRUCell", features)
-    f = features
+    f = features = positive_int("GRUCell", "features", features)
     desc = signature("GRUCell", features=f)
 
     def init(key, in_features):
@@ -195,8 +190,7 @@ def LSTMCell(
       >>> params["input"]["w"].shape, params["hidden"]["w"].shape
       ((3, 16), (4, 16))
     """
-    _check_features("LSTMCell", features)
-    f = features
+    f = features = positive_int("LSTMCell", "features", features)
     desc = signature("LSTMCell", features=f)
 
     def init(key, in_features):

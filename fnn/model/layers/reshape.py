@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from fnn.model.core import Layer, fail, make_layer, signature
+from fnn.model.options import int_tuple
 from fnn.model.shapes import check_shape
 
 
@@ -68,9 +69,7 @@ def Reshape(shape: tuple[int, ...]) -> Layer:
       >>> fnn.Reshape((8, 8, 1)).init(jax.random.key(0), (-1, 64))
       ((-1, 8, 8, 1), {})
     """
-    shape = tuple(shape)
-    if not all(isinstance(d, int) and d > 0 for d in shape):
-        raise ValueError(f"Reshape: expected positive dimensions, got {shape!r}.")
+    shape = int_tuple("Reshape", "shape", shape, allow_int=False, ranks=range(1, 33))
     desc = signature("Reshape", shape)
     n = math.prod(shape)
 
