@@ -269,7 +269,7 @@ def train_step_variant(
     step = fnn.make_train_step(
         fnn_loss(model), tx, steps_per_call=k, grad_norm=grad_norm
     )
-    box = [fnn.TrainState.create(params, tx, key=jax.random.key(0))]
+    box = [step.init(params, key=jax.random.key(0))]
     data = (jnp.asarray(x), jnp.asarray(y))
     if k > 1:
         data = jax.tree.map(lambda a: jnp.stack([a] * k), data)

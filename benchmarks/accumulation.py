@@ -80,9 +80,7 @@ def compiled_stats(jitted, *args):
 def fnn_variant(loss_fn, params, opt, batch, k):
     """One fnn step of ``accum_steps=k`` (k=1 with the full batch is 'full batch')."""
     step = fnn.make_train_step(loss_fn, opt, accum_steps=k)
-    ts = fnn.TrainState.create(
-        jax.tree.map(jnp.copy, params), opt, key=jax.random.key(0)
-    )
+    ts = step.init(params, key=jax.random.key(0))
     compiled, secs, temp = compiled_stats(step, ts, batch)
     box = [ts]
 

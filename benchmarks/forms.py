@@ -39,8 +39,6 @@ from _workloads import (
 )
 from steps import calibrate, compiled_stats, fmt, interleave, machine
 
-from fnn.training.compiling import compile_options
-
 
 def mlp_in_out(params, x):
     for layer in params[:-1]:
@@ -68,16 +66,22 @@ def xent_sum(logits, y):
     return loss.sum() / y.shape[0]
 
 
+# XLA:CPU's region analysis in copy insertion: it drops the copies of donated
+# weights that the backward pass reads. fnn passes no backend options; a user
+# may, with make_train_step(..., jit_kwargs={"compiler_options": REGION}).
+REGION = {"xla_cpu_copy_insertion_use_region_analysis": True}
+
+
 def make_step(forward, loss, tx, donate=True, region=False):
-    """The step; ``region``: compiled with fnn's option for donating steps
-    (XLA:CPU's region-analysis copy insertion, :mod:`fnn.compiling`)."""
+    """The step; ``region``: compiled with ``REGION`` (CPU only)."""
 
     def step(params, opt_state, x, y):
         value, grads = jax.value_and_grad(lambda p: loss(forward(p, x), y))(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, value
 
-    options = compile_options(donate) if region else {}
+    cpu = jax.default_backend() == "cpu"
+    options = {"compiler_options": REGION} if region and donate and cpu else {}
     return jax.jit(step, donate_argnums=(0, 1) if donate else (), **options)
 
 

@@ -18,8 +18,6 @@ donated state):
   loss still a sum divided by a weight).
 
 and, as references, ``fnn.make_train_step`` with and without ``grad_norm``,
-each with the train state packed (the default) and unpacked
-(``pack_max_size=0``),
 the hand-written JAX step of ``steps.py`` (``K = 1``, the ratio's
 denominator) or a hand-written ``lax.scan`` of it (``K > 1``; then also the
 scan with SGD instead of Adam, and of the forward pass only). Interleaved
@@ -60,7 +58,6 @@ from steps import calibrate, compiled_stats, fmt, interleave, machine
 
 import fnn
 from fnn.training.step import safe_divide
-from fnn.training.train_state import PACK_MAX_SIZE
 
 FULL = {"grad_norm": True, "stacked": False, "key": "typed", "donate": True}
 DROPS = {
@@ -168,18 +165,11 @@ def variants(k: int) -> list[Variant]:
     model, params = fnn_params(wl, ws)
     tx, loss_fn = optax.adam(LR), fnn_loss(model)
     fresh = lambda: jax.tree.map(jnp.copy, params)  # noqa: E731
-    for pack in (PACK_MAX_SIZE, 0):
-        for grad_norm in (True, False):
-            step = fnn.make_train_step(
-                loss_fn, tx, steps_per_call=k, grad_norm=grad_norm
-            )
-            ts = fnn.TrainState.create(
-                fresh(), tx, key=jax.random.key(0), pack_max_size=pack
-            )
-            opts = [] if grad_norm else ["grad_norm=False"]
-            opts += [] if pack else ["pack_max_size=0"]
-            name = "fnn.make_train_step" + (f"({', '.join(opts)})" if opts else "")
-            out.append(state_variant(name, step, ts, data, k))
+    for grad_norm in (True, False):
+        step = fnn.make_train_step(loss_fn, tx, steps_per_call=k, grad_norm=grad_norm)
+        ts = step.init(fresh(), key=jax.random.key(0))
+        name = "fnn.make_train_step" + ("" if grad_norm else "(grad_norm=False)")
+        out.append(state_variant(name, step, ts, data, k))
     for name, drop in DROPS.items():
         step, state = fnn_like(loss_fn, tx, fresh(), k, **{**FULL, **drop})
         out.append(state_variant(name, step, state, data, k))

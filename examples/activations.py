@@ -48,17 +48,20 @@ def first_of_pair(fn):
 
 # name -> (default, {label of an option: variant}); each a scalar function.
 ACTIVATIONS = {
-    "sigmoid": (fnn.sigmoid, {}),
-    "tanh": (fnn.tanh, {}),
-    "hard_tanh": (fnn.hard_tanh, {}),
-    "relu": (fnn.relu, {}),
-    "leaky_relu": (fnn.leaky_relu, {"slope 0.2": lambda x: fnn.leaky_relu(x, 0.2)}),
-    "elu": (fnn.elu, {}),
-    "softplus": (fnn.softplus, {}),
+    "sigmoid": (jax.nn.sigmoid, {}),
+    "tanh": (jnp.tanh, {}),
+    "hard_tanh": (jax.nn.hard_tanh, {}),
+    "relu": (jax.nn.relu, {}),
+    "leaky_relu": (
+        jax.nn.leaky_relu,
+        {"slope 0.2": lambda x: jax.nn.leaky_relu(x, 0.2)},
+    ),
+    "elu": (jax.nn.elu, {}),
+    "softplus": (jax.nn.softplus, {}),
     "gelu": (fnn.gelu, {"tanh approx.": lambda x: fnn.gelu(x, approximate=True)}),
     "swish": (fnn.swish, {"beta=4": lambda x: fnn.swish(x, beta=4.0)}),
-    "softmax": (first_of_pair(fnn.softmax), {}),
-    "log_softmax": (first_of_pair(fnn.log_softmax), {}),
+    "softmax": (first_of_pair(jax.nn.softmax), {}),
+    "log_softmax": (first_of_pair(jax.nn.log_softmax), {}),
 }
 
 

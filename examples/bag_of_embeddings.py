@@ -113,7 +113,11 @@ def make_loss(model: fnn.Layer):
         logits = model.apply(params, batch["x"], key=key, mask=batch["valid"])
         per_example = fnn.losses.softmax_cross_entropy(logits, batch["y"])
         loss_sum, weight = fnn.losses.sum_and_weight(per_example)
-        return loss_sum, weight, {"accuracy": fnn.correct(logits, batch["y"]).sum()}
+        return (
+            loss_sum,
+            weight,
+            {"accuracy": fnn.losses.correct(logits, batch["y"]).sum()},
+        )
 
     return loss_fn
 
@@ -126,14 +130,16 @@ def train(name, model, train_data, test_data, args, key):
     optimizer = optax.adam(optax.cosine_decay_schedule(args.learning_rate, total))
     init_key, train_key, data_key = jax.random.split(key, 3)
 
+    step = fnn.make_train_step(loss_fn, optimizer)
+
     @jax.jit  # one compiled program instead of one per initializer
     def start(init_key, train_key):
         _, params = model.init(init_key, (-1, MAX_LEN))
-        return fnn.TrainState.create(params, optimizer, key=train_key)
+        return step.init(params, key=train_key)
 
     state = start(init_key, train_key)
     state, history = fnn.fit(
-        fnn.make_train_step(loss_fn, optimizer),
+        step,
         state,
         train_data,
         batch_size=args.batch_size,
@@ -167,7 +173,7 @@ def plot(runs, test_data, both, path: str) -> None:
     width = 0.38
     for j, (name, model, params, _) in enumerate(runs):
         logits = jax.jit(model.apply)(params, test_data["x"], mask=test_data["valid"])
-        hits = np.asarray(fnn.correct(logits, test_data["y"]))
+        hits = np.asarray(fnn.losses.correct(logits, test_data["y"]))
         accs = [hits[g].mean() for _, g in groups]
         ax_bar.bar(np.arange(2) + (j - 0.5) * width, accs, width, label=name)
     ax_bar.set_xticks(np.arange(2), [g for g, _ in groups])

@@ -197,12 +197,14 @@ def main(argv=None) -> float:
         jax.random.key(args.seed), 4
     )
     _, params = model.init(init_key, (-1, CONTEXT))
-    state = fnn.TrainState.create(params, optimizer, key=train_key)
-    print(f"{fnn.count_params(params):,} params; {per_epoch} steps per epoch")
+    step = fnn.make_train_step(loss_fn, optimizer)
+    state = step.init(params, key=train_key)
+    n_params = sum(p.size for p in jax.tree.leaves(params))
+    print(f"{n_params:,} params; {per_epoch} steps per epoch")
 
     start = time.perf_counter()
     state, history = fnn.fit(
-        fnn.make_train_step(loss_fn, optimizer),
+        step,
         state,
         train,
         batch_size=args.batch_size,

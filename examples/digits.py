@@ -70,7 +70,9 @@ def make_loss(model: fnn.Layer):
         mask = batch.get("mask")
         per_example = fnn.losses.softmax_cross_entropy(logits, batch["y"], mask)
         loss_sum, weight = fnn.losses.sum_and_weight(per_example, mask)
-        hits, _ = fnn.losses.sum_and_weight(fnn.correct(logits, batch["y"]), mask)
+        hits, _ = fnn.losses.sum_and_weight(
+            fnn.losses.correct(logits, batch["y"]), mask
+        )
         return loss_sum, weight, {"accuracy": hits}
 
     return loss_fn
@@ -122,15 +124,17 @@ def main(argv=None) -> float:
     init_key, train_key, data_key = jax.random.split(jax.random.key(args.seed), 3)
     # One compiled init instead of one dispatch per initializer.
     params = jax.jit(lambda k: model.init(k, (-1, train["x"].shape[1]))[1])(init_key)
-    state = fnn.TrainState.create(params, optimizer, key=train_key)
+    step = fnn.make_train_step(loss_fn, optimizer)
+    state = step.init(params, key=train_key)
+    n_params = sum(p.size for p in jax.tree.leaves(params))
     print(
         f"{len(train['y'])} training and {len(test['y'])} test images; "
-        f"{fnn.count_params(params):,} params; {per_epoch} steps per epoch"
+        f"{n_params:,} params; {per_epoch} steps per epoch"
     )
 
     start = time.perf_counter()
     state, history = fnn.fit(
-        fnn.make_train_step(loss_fn, optimizer),
+        step,
         state,
         train,
         batch_size=args.batch_size,

@@ -5,7 +5,8 @@ with a fixed, stratified split. The network is two 3x3 convolutions with batch
 normalisation, a 2x2 max pool, dropout and a dense head. It has running state
 (BatchNorm's statistics), so it is wrapped once with ``fnn.with_state`` and
 trained with the library's own loop: ``fnn.make_train_step(loss_fn, optimizer,
-has_state=True)`` over a ``fnn.TrainState`` that holds the state, run by
+has_state=True)``, whose ``init`` makes a ``fnn.TrainState`` that holds the
+state, run by
 ``fnn.fit`` (progress bar, test-set evaluation, history). The loss function
 shifts the training images by up to one pixel with the step's ``key``; the same
 function, called with ``key=None``, is the evaluation metric: no shift, no
@@ -103,7 +104,7 @@ def make_loss(model: fnn.StatefulModel):
         logits, state = model.apply(params, state, x, key=key)
         per_example = fnn.losses.softmax_cross_entropy(logits, batch["y"])
         loss_sum, weight = fnn.losses.sum_and_weight(per_example)
-        hits, _ = fnn.losses.sum_and_weight(fnn.correct(logits, batch["y"]))
+        hits, _ = fnn.losses.sum_and_weight(fnn.losses.correct(logits, batch["y"]))
         return (loss_sum, weight, {"accuracy": hits}), state
 
     return loss_fn
@@ -157,10 +158,11 @@ def main(argv: list[str] | None = None) -> float:
     optimizer = optax.adamw(
         optax.cosine_decay_schedule(args.lr, steps), weight_decay=1e-4
     )
-    ts = fnn.TrainState.create(params, optimizer, key=train_key, state=state)
+    step = fnn.make_train_step(loss_fn, optimizer, has_state=True)
+    ts = step.init(params, key=train_key, state=state)
 
     ts, history = fnn.fit(
-        fnn.make_train_step(loss_fn, optimizer, has_state=True),
+        step,
         ts,
         train,
         batch_size=args.batch_size,
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> float:
         eval_batch_size=len(test["y"]),  # the whole test set in one call
     )
     logits, _ = jax.jit(model.apply)(ts.params, ts.state, test["x"])  # no key
-    predictions = np.asarray(fnn.argmax(logits))
+    predictions = np.asarray(fnn.losses.argmax(logits))
     accuracy = float(np.mean(predictions == test["y"]))
     # the misclassified test images first, then the others in order
     shown = np.argsort(predictions == test["y"], kind="stable")[:SHOWN]

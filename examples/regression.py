@@ -90,21 +90,22 @@ def fit_model(model: fnn.Layer, data, steps: int, key, lr: float, desc: str):
     optimizer = optax.adam(optax.cosine_decay_schedule(lr, steps))
     init_key, train_key, data_key = jax.random.split(key, 3)
 
+    step = fnn.make_train_step(loss_fn, optimizer, steps_per_call=STEPS_PER_CALL)
+
     @jax.jit  # one compiled program instead of one per initializer
     def start(init_key, train_key):
         _, params = model.init(init_key, (-1, 1))
-        return fnn.TrainState.create(params, optimizer, key=train_key)
+        return step.init(params, key=train_key)
 
     state = start(init_key, train_key)
     print(desc, flush=True)  # the bar below has no room for a long name
     state, _ = fnn.fit(
-        fnn.make_train_step(loss_fn, optimizer),
+        step,
         state,
         data,
         batch_size=N_TRAIN,  # the whole training set at every step
         steps=steps,
         key=data_key,
-        steps_per_call=STEPS_PER_CALL,
         log_every=steps,
         progress_every=STEPS_PER_CALL,
     )

@@ -64,7 +64,7 @@ def plot(models, path: str) -> None:
     grid = jnp.asarray(np.stack(np.meshgrid(g, g), -1).reshape(-1, 2))
     fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 4))
     for ax, (title, model, params, acc) in zip(axes, models):
-        p = fnn.sigmoid(model.apply(params, grid)).reshape(len(g), len(g))
+        p = jax.nn.sigmoid(model.apply(params, grid)).reshape(len(g), len(g))
         ax.contourf(g, g, np.asarray(p), levels=20, cmap="RdBu_r", vmin=0, vmax=1)
         ax.contour(g, g, np.asarray(p), levels=[0.5], colors="k")
         for label, marker in ((0, "o"), (1, "^")):
@@ -90,7 +90,7 @@ def main() -> None:
     rows = []
     for title, model, key in (("one layer", one, k1), ("two layers", two, k2)):
         params = train(model, steps, key, title)
-        acc = float(fnn.accuracy(model.apply(params, X), Y))
+        acc = float(fnn.losses.accuracy(model.apply(params, X), Y))
         rows.append((title, model, params, acc))
         print(f"{title} accuracy: {acc:.2f}")
     plot(rows, args.out)

@@ -1,4 +1,5 @@
-"""Tests of fnn.accumulate: microbatch sums equal the global batch exactly.
+"""Gradient accumulation (fnn/training/accumulate.py): microbatch sums equal the
+global batch exactly.
 
 Gradients are checked against numpy formulas for a masked linear least-squares
 loss, ``sum_i m_i (x_i . w + b - y_i)^2``, whose gradient is
@@ -14,6 +15,7 @@ import optax
 import pytest
 
 import fnn
+from fnn.training.accumulate import accumulate_gradients
 
 EXACT_RTOL_F64 = 1e-12  # accumulation must equal the global batch, up to rounding
 MEAN_OF_MEANS_MIN_RELERR = 1e-3  # a mean of means is off by far more than that
@@ -72,6 +74,12 @@ def recording_loss(params, state, batch, key):
     return (jnp.sum(params["w"] * batch["row"]), batch["row"].shape[0]), state
 
 
+def init_state(params, opt, *, key, state=None):
+    """A train state for ``opt``, as ``make_train_step(..., opt).init`` makes it."""
+    step = fnn.make_train_step(lambda params, batch, key: (0.0, 1.0), opt)
+    return step.init(params, key=key, state=state)
+
+
 def recording_state(k, b):
     return {
         "count": jnp.zeros((), jnp.int32),
@@ -90,7 +98,7 @@ def test_accumulation_equals_global_batch_and_mean_of_means_does_not():
         ref = np_grad_sum(w, b, x, y, m)
         ref_mean = {k: v / m.sum() for k, v in ref.items()}
         for k in (1, 2, 3, 4, 6):
-            sums = fnn.accumulate_gradients(
+            sums = accumulate_gradients(
                 linear_loss, params, {}, batch, None, accum_steps=k
             )
             assert float(sums.weight) == m.sum()
@@ -121,7 +129,7 @@ def test_microbatches_are_strided_and_keys_differ():
     k, b = 4, 12
     key = jax.random.key(7)
     batch = {"row": jnp.arange(b, dtype=jnp.float32)}
-    sums = fnn.accumulate_gradients(
+    sums = accumulate_gradients(
         recording_loss,
         {"w": jnp.array(1.0)},
         recording_state(k, b),
@@ -143,7 +151,7 @@ def test_microbatches_are_strided_and_keys_differ():
 
 def test_batch_leaves_must_share_leading_size():
     with pytest.raises(ValueError, match=r"share the leading size.*'x'.*'y'"):
-        fnn.accumulate_gradients(
+        accumulate_gradients(
             linear_loss,
             make_params(jnp.float32),
             {},
@@ -158,7 +166,7 @@ def test_loss_protocol_error():
         return jnp.mean(batch["x"] @ params["w"])
 
     with pytest.raises(TypeError, match=r"\(loss_sum, weight\)"):
-        fnn.accumulate_gradients(
+        accumulate_gradients(
             mean_loss, make_params(jnp.float32), {}, {"x": jnp.ones((2, D))}, None
         )
 
@@ -174,7 +182,7 @@ def test_bf16_params_accumulate_in_float32():
     def loss(params, batch, key):
         return params["w"] * jnp.sum(batch["c"]), batch["c"].shape[0]
 
-    sums = fnn.accumulate_gradients(loss, params, {}, batch, None, accum_steps=k)
+    sums = accumulate_gradients(loss, params, {}, batch, None, accum_steps=k)
     assert sums.grad_sum["w"].dtype == jnp.float32
     assert sums.loss_sum.dtype == jnp.float32
     assert float(sums.grad_sum["w"]) == k * g
@@ -188,7 +196,7 @@ def test_bf16_params_accumulate_in_float32():
     batch["mask"] = jnp.ones(64, bool)
     # The step keeps the params and the optimizer state in bf16.
     opt = optax.adam(0.01)
-    ts = fnn.TrainState.create(params, opt, key=jax.random.key(0))
+    ts = init_state(params, opt, key=jax.random.key(0))
     ts, _ = fnn.make_train_step(linear_loss, opt, accum_steps=k)(ts, batch)
     chex.assert_trees_all_equal_dtypes(ts.params, params)
     chex.assert_trees_all_equal_dtypes(ts.opt_state, opt.init(params))

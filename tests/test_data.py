@@ -74,9 +74,9 @@ def test_keep_gives_a_smaller_last_batch_and_jax_inputs_work():
 def test_errors():
     with pytest.raises(ValueError, match="needs a key"):
         data.batches(_arrays(), 4)  # raised at the call, not at the first batch
-    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+    with pytest.raises(ValueError, match="batch_size to be a positive int"):
         next(data.batches(_arrays(), 0, shuffle=False))
-    with pytest.raises(ValueError, match="remainder must be one of"):
+    with pytest.raises(ValueError, match="remainder to be one of"):
         next(data.batches(_arrays(), 4, shuffle=False, remainder="wrap"))
     with pytest.raises(ValueError, match="share the leading size"):
         next(data.batches({"x": np.ones(3), "y": np.ones(4)}, 2, shuffle=False))
@@ -86,10 +86,24 @@ def test_errors():
         )
     with pytest.raises(ValueError, match="dict of arrays"):
         next(data.batches((np.ones(3),), 2, shuffle=False, remainder="pad"))
-    with pytest.raises(ValueError, match="k must be a positive int"):
+    with pytest.raises(ValueError, match="k to be a positive int"):
         next(data.stack([], 0))
-    with pytest.raises(ValueError, match="size must be >= 1"):
+    with pytest.raises(ValueError, match="size to be a positive int"):
         next(data.prefetch_to_device([], 0))
+
+
+def test_stream_continues_across_epochs_from_any_position():
+    key = jax.random.key(0)
+    arrays = _arrays()
+    epochs = [list(data.batches(arrays, 4, key=key, epoch=e)) for e in range(3)]
+    flat = [b for epoch in epochs for b in epoch]
+    for start in (0, 3, len(epochs[0]) + 1):
+        s = data.stream(arrays, 4, key=key, start=start)
+        got = [next(s) for _ in range(len(flat) - start)]
+        for a, b in zip(got, flat[start:]):
+            np.testing.assert_array_equal(a["x"], b["x"])
+    with pytest.raises(ValueError, match="give no batch"):
+        next(data.stream(arrays, N + 1, shuffle=False))
 
 
 def test_num_batches():

@@ -43,6 +43,10 @@ STEP = fnn.make_train_step(_loss_fn, OPT)
 EVAL_STEP = fnn.make_eval_step(_loss_fn)
 
 
+def _step(steps_per_call=1, loss_fn=_loss_fn):
+    return fnn.make_train_step(loss_fn, OPT, steps_per_call=steps_per_call)
+
+
 def _data(seed, n):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, FEATURES)).astype(np.float32)
@@ -60,7 +64,7 @@ def _fresh_state():
         "b1": jnp.zeros(HIDDEN),
         "w2": jax.random.normal(k2, (HIDDEN, CLASSES)) * 0.5,
     }
-    return fnn.TrainState.create(params, OPT, key=jax.random.key(7))
+    return STEP.init(params, key=jax.random.key(7))
 
 
 def _fit(step=STEP, **kwargs):
@@ -94,11 +98,14 @@ def _crash_after(calls):
 
 @pytest.mark.parametrize("steps_per_call", [1, 2])
 def test_resume_after_a_step_limit_is_bit_exact(tmp_path, steps_per_call):
-    common = dict(epochs=3, checkpoint_every=2, steps_per_call=steps_per_call)
-    full, full_history = _fit(checkpoint_dir=tmp_path / "a", **common)
-    _, first_history = _fit(checkpoint_dir=tmp_path / "b", **{**common, "steps": 7})
+    step = _step(steps_per_call)
+    common = dict(epochs=3, checkpoint_every=2)
+    full, full_history = _fit(step, checkpoint_dir=tmp_path / "a", **common)
+    _, first_history = _fit(
+        step, checkpoint_dir=tmp_path / "b", **{**common, "steps": 7}
+    )
     chex.assert_equal(first_history[-1]["step"], 7)
-    resumed, history = _fit(checkpoint_dir=tmp_path / "b", **common)
+    resumed, history = _fit(step, checkpoint_dir=tmp_path / "b", **common)
     _assert_states_equal(full, resumed)
     chex.assert_equal(int(resumed.step), 3 * PER_EPOCH)
     chex.assert_equal(history, full_history)
@@ -130,23 +137,22 @@ def test_half_written_checkpoint_is_ignored_on_resume(tmp_path):
 def test_steps_per_call_sees_the_same_batches(tmp_path):
     one, h1 = _fit(epochs=3, log_every=PER_EPOCH)
     # 15 steps in calls of 4 cross epoch ends; the history grid shortens calls.
-    four, h4 = _fit(epochs=3, steps_per_call=4, log_every=PER_EPOCH)
+    four, h4 = _fit(_step(4), epochs=3, log_every=PER_EPOCH)
     chex.assert_trees_all_close(one.params, four.params, rtol=STEPS_PER_CALL_RTOL)
     chex.assert_equal([e["step"] for e in h4], [5, 10, 15])
     chex.assert_equal(int(four.step), int(one.step))
 
 
 def test_progress_refresh_does_not_shorten_calls():
-    calls = [0]
+    traces = [0]
 
-    def counting_step(ts, batch):
-        calls[0] += 1  # once per trace inside the scan, once per single step
-        return STEP(ts, batch)
+    def counting_loss(params, batch, key):
+        traces[0] += 1  # once per trace: of the scanned step, of a single step
+        return _loss_fn(params, batch, key)
 
-    _, history = _fit(
-        counting_step, steps=16, steps_per_call=4, log_every=16, progress_every=3
-    )
-    chex.assert_equal(calls[0], 1)  # four 4-step calls, one trace, no single steps
+    step = _step(4, counting_loss)
+    _, history = _fit(step, steps=16, log_every=16, progress_every=3)
+    chex.assert_equal(traces[0], 1)  # four 4-step calls, one trace, no single steps
     chex.assert_equal([e["step"] for e in history], [16])
 
 
@@ -160,7 +166,7 @@ def _numpy_eval(params):
 
 
 def test_eval_every_and_history_files(tmp_path):
-    json_path, csv_path = tmp_path / "h.json", tmp_path / "h.csv"
+    json_path, csv_path = tmp_path / "h.jsonl", tmp_path / "h.csv"
     common = dict(epochs=2, eval_step=EVAL_STEP, eval_data=EVAL, eval_every=4)
     ts, history = _fit(history_path=json_path, eval_batch_size=5, **common)
     _, history_csv = _fit(history_path=csv_path, eval_batch_size=5, **common)
@@ -171,8 +177,8 @@ def test_eval_every_and_history_files(tmp_path):
     loss, accuracy = _numpy_eval(ts.params)
     np.testing.assert_allclose(history[-1]["eval_loss"], loss, rtol=EVAL_RTOL)
     np.testing.assert_allclose(history[-1]["eval_accuracy"], accuracy, rtol=EVAL_RTOL)
-    with open(json_path) as f:
-        chex.assert_equal(json.load(f), history)
+    with open(json_path) as f:  # one JSON object per line
+        chex.assert_equal([json.loads(line) for line in f], history)
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
     chex.assert_equal(list(rows[0]), list(history[0]))  # step 4 has every key
@@ -229,6 +235,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
             epochs=3,
             checkpoint_dir=tmp_path,
             checkpoint_every=checkpoint_every,
+            log_every=1,
         )
     chex.assert_equal(info.value.step, 5)
     assert math.isnan(info.value.loss)
@@ -240,7 +247,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
             restored, meta = ckpt.restore(_fresh_state(), step=step)
             chex.assert_tree_all_finite(restored.params)
             chex.assert_tree_all_finite(restored.opt_state)
-            assert all(math.isfinite(e["loss"]) for e in meta["history"])
+    with open(tmp_path / "history.jsonl") as f:
+        entries = [json.loads(line) for line in f]
+    chex.assert_equal([e["step"] for e in entries], list(range(1, last_good + 1)))
+    assert all(math.isfinite(e["loss"]) for e in entries)
 
 
 def test_nan_loss_without_checkpoints_says_so():
@@ -266,11 +276,11 @@ def test_argument_errors(tmp_path):
         _fit()
     with pytest.raises(ValueError, match="needs key="):
         _fit(epochs=1, key=None)
-    with pytest.raises(ValueError, match=r"\.json or \.csv"):
+    with pytest.raises(ValueError, match=r"\.jsonl \(JSON Lines\) or \.csv"):
         _fit(epochs=1, history_path=tmp_path / "h.txt")
     with pytest.raises(ValueError, match="eval_step and eval_data"):
         _fit(epochs=1, eval_step=EVAL_STEP)
-    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+    with pytest.raises(ValueError, match="batch_size to be a positive int"):
         fnn.fit(STEP, _fresh_state(), TRAIN, batch_size=0, epochs=1, progress=False)
     _fit(steps=2, checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match="resume=True"):
@@ -316,3 +326,109 @@ def test_digits_example_quick_run_and_resume(tmp_path, capsys, monkeypatch):
         chex.assert_equal(ckpt.latest_step(), 8)
     # The finished run resumes to its end at once and reports the same result.
     chex.assert_equal(digits.main(argv), first)
+
+
+def _eval_losses(history):
+    return [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e]
+
+
+def test_early_stopping_stops_at_the_right_step():
+    common = dict(epochs=12, eval_step=EVAL_STEP, eval_data=EVAL, eval_every=1)
+    _, full = _fit(**common)
+    evals = _eval_losses(full)
+    patience = 2
+    best, waited, stop_at = math.inf, 0, None
+    for step, loss in evals:  # the rule, replayed on the uninterrupted run
+        if loss < best:
+            best, waited = loss, 0
+        else:
+            waited += 1
+            if waited == patience:
+                stop_at = step
+                break
+    assert stop_at is not None and stop_at < evals[-1][0], evals
+    stopper = fnn.callbacks.EarlyStopping("eval_loss", patience=patience)
+    ts, history = _fit(callbacks=[stopper], **common)
+    chex.assert_equal(int(ts.step), stop_at)
+    chex.assert_equal(history[-1]["step"], stop_at)
+    chex.assert_equal(_eval_losses(history), [e for e in evals if e[0] <= stop_at])
+
+
+def test_best_checkpoint_holds_the_best_evaluation(tmp_path):
+    common = dict(epochs=4, eval_step=EVAL_STEP, eval_data=EVAL, eval_every=2)
+    best = fnn.callbacks.BestCheckpoint(tmp_path / "best", "eval_loss")
+    calls = []
+
+    class Recorder:
+        def after_eval(self, run, metrics):
+            calls.append((run.step, metrics["eval_loss"]))
+
+    _, history = _fit(callbacks=[best, Recorder()], **common)
+    step, loss = min(_eval_losses(history), key=lambda e: e[1])
+    chex.assert_equal(calls, _eval_losses(history))
+    chex.assert_equal((best.best_step, best.best), (step, loss))
+    with fnn.Checkpointer(tmp_path / "best") as ckpt:
+        chex.assert_equal(ckpt.all_steps(), [step])
+        restored, meta = ckpt.restore(_fresh_state())
+    chex.assert_equal(meta["eval_loss"], loss)
+    batches = fnn.data.batches(EVAL, 5, shuffle=False, remainder="pad")
+    got = fnn.evaluate(EVAL_STEP, restored, batches)
+    np.testing.assert_allclose(got["loss"], loss, rtol=EVAL_RTOL)
+
+
+def test_a_callback_can_stop_training_and_the_run_ends_cleanly(tmp_path):
+    class StopAt:
+        def after_step(self, run):
+            if run.step == 3:
+                run.stop("enough")
+
+    ts, history = _fit(
+        epochs=5, callbacks=[StopAt()], checkpoint_dir=tmp_path, log_every=2
+    )
+    chex.assert_equal(int(ts.step), 3)
+    chex.assert_equal([e["step"] for e in history], [2, 3])
+    with fnn.Checkpointer(tmp_path) as ckpt:
+        chex.assert_equal(ckpt.latest_step(), 3)
+
+
+def test_learning_rate_of_a_schedule_goes_into_the_history():
+    schedule = optax.linear_schedule(0.1, 0.0, 10)
+    opt = optax.inject_hyperparams(optax.sgd)(learning_rate=schedule)
+    step = fnn.make_train_step(_loss_fn, opt)
+    ts = step.init(_fresh_state().params, key=jax.random.key(7))
+    _, history = fnn.fit(
+        step, ts, TRAIN, batch_size=BATCH, epochs=2, key=jax.random.key(3),
+        progress=False,
+    )  # fmt: skip
+    # the rate the entry's last step used: step t (from 1) used schedule(t - 1)
+    for entry in history:
+        np.testing.assert_allclose(entry["lr"], schedule(entry["step"] - 1), rtol=1e-6)
+    assert "lr" not in _fit(epochs=1)[1][-1]  # plain adam holds no rate
+
+
+def test_history_files_are_appended_and_checkpoints_hold_no_history(tmp_path):
+    path = tmp_path / "h.jsonl"
+    _, history = _fit(
+        epochs=3, log_every=1, history_path=path, checkpoint_dir=tmp_path / "c",
+        checkpoint_every=5,
+    )  # fmt: skip
+    lines = path.read_text().splitlines()
+    chex.assert_equal([json.loads(line) for line in lines], history)
+    with fnn.Checkpointer(tmp_path / "c") as ckpt:
+        meta = ckpt.metadata()
+    assert "history" not in meta and meta["history_entries"] == len(history)
+    assert len(json.dumps(meta)) < 2000  # nothing in it grows with the run
+    saved = (tmp_path / "c" / "history.jsonl").read_text().splitlines()
+    chex.assert_equal([json.loads(line) for line in saved], history)
+
+
+def test_resume_refuses_another_data_key_or_other_data(tmp_path):
+    _fit(steps=3, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="data_key"):
+        _fit(steps=6, checkpoint_dir=tmp_path, key=jax.random.key(4))
+    other = {**TRAIN, "x": TRAIN["x"] + 1.0}  # same size, other values
+    with pytest.raises(ValueError, match=r"another data stream \(data"):
+        fnn.fit(
+            STEP, _fresh_state(), other, batch_size=BATCH, steps=6,
+            key=jax.random.key(3), checkpoint_dir=tmp_path, progress=False,
+        )  # fmt: skip

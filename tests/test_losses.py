@@ -288,22 +288,22 @@ def test_gradients_match_finite_differences_float64(name):
 
 def test_prediction_helpers():
     np.testing.assert_array_equal(
-        np.asarray(fnn.one_hot(jnp.asarray(IDS), 5)), np.eye(5)[IDS]
+        np.asarray(fnn.losses.one_hot(jnp.asarray(IDS), 5)), np.eye(5)[IDS]
     )
     np.testing.assert_array_equal(
-        np.asarray(fnn.predict(f32(LOGITS))), np.argmax(LOGITS, -1)
+        np.asarray(fnn.losses.predict(f32(LOGITS))), np.argmax(LOGITS, -1)
     )
     np.testing.assert_array_equal(
-        np.asarray(fnn.argmax(f32([[1.0, 3.0, 3.0]]))), [1]
+        np.asarray(fnn.losses.argmax(f32([[1.0, 3.0, 3.0]]))), [1]
     )  # first on ties, as numpy
     np.testing.assert_array_equal(
-        np.asarray(fnn.predict(f32([[-0.1], [0.2], [0.0]]))), [0, 1, 0]
+        np.asarray(fnn.losses.predict(f32([[-0.1], [0.2], [0.0]]))), [0, 1, 0]
     )
 
 
 @pytest.mark.parametrize("jit", [False, True])
 def test_accuracy(jit):
-    acc = jax.jit(fnn.accuracy) if jit else fnn.accuracy
+    acc = jax.jit(fnn.losses.accuracy) if jit else fnn.losses.accuracy
     pred = np.argmax(LOGITS, -1)
     labels = np.array([0, 2, 3, 1])
     exact = np.mean(pred == labels)
@@ -358,7 +358,7 @@ def test_mismatched_label_shape_is_a_clear_error():
             r"got \(3,\)",
         ),
         (
-            lambda: fnn.accuracy(f32(LOGITS), np.zeros((5,), np.int32)),
+            lambda: fnn.losses.accuracy(f32(LOGITS), np.zeros((5,), np.int32)),
             r"correct: expected labels of shape \(4,\)",
         ),
     ],

@@ -1,5 +1,5 @@
-"""Data parallel training: fnn.data_mesh, replicate, shard_batch,
-make_parallel_train_step and initialize.
+"""Data parallel training: make_train_step(mesh=...), its init and shard, and
+fnn.initialize.
 
 Multi-device and multi-process checks run in subprocesses (the scripts in
 tests/parallel_scripts/), each with a hard timeout: the number of CPU devices
@@ -17,7 +17,9 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import fnn
@@ -174,46 +176,38 @@ def test_initialize_leaves_unset_values_to_jax(monkeypatch):
 
 
 def test_argument_errors():
-    with pytest.raises(ValueError, match="data_mesh: expected at least one device"):
-        fnn.data_mesh([])
-    with pytest.raises(ValueError, match="data_mesh: expected a non-empty axis"):
-        fnn.data_mesh(axis_name="")
-    mesh = fnn.data_mesh()
-    with pytest.raises(ValueError, match="make_parallel_train_step: accum_steps"):
-        fnn.make_parallel_train_step(lambda *a: a, None, mesh, accum_steps=0)
-    with pytest.raises(ValueError, match="one-dimensional mesh"):
-        fnn.shard_batch({"x": np.zeros(2)}, "data")
-    with pytest.raises(ValueError, match=r"shard_batch: batch\['x'\] of shape \(\)"):
-        fnn.shard_batch({"x": np.float32(1.0)}, mesh)
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    with pytest.raises(ValueError, match="expected mesh to be a jax.sharding.Mesh"):
+        fnn.make_train_step(lambda p, b, k: (0.0, 1.0), optax.sgd(0.1), mesh="data")
+    with pytest.raises(ValueError, match="not the data axis 'batch'"):
+        fnn.make_train_step(
+            lambda p, b, k: (0.0, 1.0), optax.sgd(0.1), mesh=mesh, data_axis="batch"
+        )
+    step = fnn.make_train_step(lambda p, b, k: (0.0, 1.0), optax.sgd(0.1), mesh=mesh)
+    with pytest.raises(ValueError, match=r"batch\['x'\] of shape \(\)"):
+        step.shard({"x": np.float32(1.0)})
 
 
 def test_one_device_step_matches_make_train_step():
     # In this process (one CPU device) the parallel step is the plain step.
-    import jax.numpy as jnp
-    import optax
-
     def loss_fn(params, batch, key):
         err = batch["x"] @ params["w"] - batch["y"]
         return jnp.sum(err**2), err.shape[0]
 
     opt = optax.sgd(0.1)
-    ts = fnn.TrainState.create({"w": jnp.zeros(2)}, opt, key=jax.random.key(0))
+    params = {"w": jnp.zeros(2)}
     batch = {"x": np.arange(8.0).reshape(4, 2), "y": np.ones(4)}
-    mesh = fnn.data_mesh()
-    step = fnn.make_parallel_train_step(loss_fn, opt, mesh, accum_steps=2)
-    got, _ = step(fnn.replicate(ts, mesh), fnn.shard_batch(batch, mesh))
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
     # numpy reference: w -= lr * 2 X^T (X w - y) / n at w = 0
     x, y = batch["x"], batch["y"]
     want = -0.1 * 2 * x.T @ (-y) / 4
+    step = fnn.make_train_step(loss_fn, opt, accum_steps=2, mesh=mesh)
+    got, _ = step(step.init(params, key=jax.random.key(0)), batch)
     np.testing.assert_allclose(got.params["w"], want, rtol=1e-6, atol=0)
-    assert not ts.params["w"].is_deleted()  # replicate copied; donation is safe
-    # make_train_step(mesh=) is the same parallel step.
-    step2 = fnn.make_train_step(loss_fn, opt, accum_steps=2, mesh=mesh)
-    got2, _ = step2(fnn.replicate(ts, mesh), fnn.shard_batch(batch, mesh))
-    np.testing.assert_allclose(got2.params["w"], want, rtol=1e-6, atol=0)
-    assert got2.params["w"].sharding.is_fully_replicated
+    assert got.params["w"].sharding.is_fully_replicated
+    assert not params["w"].is_deleted()  # init copied; donation is safe
     # grad_norm=False drops that metric only.
     step3 = fnn.make_train_step(loss_fn, opt, accum_steps=2, mesh=mesh, grad_norm=False)
-    got3, metrics = step3(fnn.replicate(ts, mesh), fnn.shard_batch(batch, mesh))
+    got3, metrics = step3(step3.init(params, key=jax.random.key(0)), batch)
     np.testing.assert_allclose(got3.params["w"], want, rtol=1e-6, atol=0)
     assert "grad_norm" not in metrics and {"loss", "weight"} <= set(metrics)

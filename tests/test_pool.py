@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import fnn
+from fnn.model.layers.pool import masked_max, masked_mean
 
 from suite import BATCH, check_layer_properties
 
@@ -124,7 +125,7 @@ def test_masked_pooling_equals_pooling_the_unpadded_rows(layer, np_reduce):
         chex.assert_trees_all_close(y[b], want, rtol=RTOL_F32, atol=ATOL_F32)
 
 
-@pytest.mark.parametrize("fn", [fnn.masked_mean, fnn.masked_max])
+@pytest.mark.parametrize("fn", [masked_mean, masked_max])
 def test_padding_values_never_matter(fn):
     x, mask = _padded(jax.random.key(1))
     garbage = jnp.where(mask[..., None], x, jnp.array(jnp.nan))
@@ -137,7 +138,7 @@ def test_padding_values_never_matter(fn):
     np.testing.assert_array_equal(np.asarray(grad)[~np.asarray(mask)], 0.0)
 
 
-@pytest.mark.parametrize("fn", [fnn.masked_mean, fnn.masked_max])
+@pytest.mark.parametrize("fn", [masked_mean, masked_max])
 def test_fully_masked_row_gives_zero_and_finite_gradients(fn):
     x = jax.random.normal(jax.random.key(2), (2, 4, 3))
     mask = jnp.zeros((2, 4), bool)
@@ -220,7 +221,7 @@ def test_errors():
     with pytest.raises(fnn.ShapeError, match="out of range"):
         fnn.GlobalMaxPool(axis=3).init(None, (-1, 4, 3))
     with pytest.raises(ValueError, match="masked_mean|expected a mask"):
-        fnn.masked_mean(jnp.ones((2, 4, 3)), jnp.ones((4,)), 1)
+        masked_mean(jnp.ones((2, 4, 3)), jnp.ones((4,)), 1)
     with pytest.raises(ValueError, match="MaxPool: expected window to be a tuple"):
         fnn.MaxPool(2)
     with pytest.raises(ValueError, match="GlobalMeanPool: expected an int axis"):

@@ -1,4 +1,4 @@
-"""Tests of fnn.train: the step, its options, evaluation.
+"""Tests of the training step (fnn.make_train_step), its options, evaluation.
 
 Reference gradients come from the numpy formulas in ``test_accumulate.py``.
 """
@@ -12,6 +12,7 @@ import pytest
 from test_accumulate import (
     EXACT_RTOL_F64,
     B,
+    init_state,
     linear_loss,
     make_batch,
     make_data,
@@ -30,7 +31,7 @@ F32_RTOL = 1e-6
 def test_step_keys_differ_and_derive_from_the_fixed_key():
     k, b = 2, 4
     opt = optax.sgd(0.0)
-    ts = fnn.TrainState.create(
+    ts = init_state(
         {"w": jnp.array(1.0)}, opt, key=jax.random.key(3), state=recording_state(k, b)
     )
     step = fnn.make_train_step(recording_loss, opt, accum_steps=k, has_state=True)
@@ -48,7 +49,7 @@ def test_step_keys_differ_and_derive_from_the_fixed_key():
 
 def test_batch_not_divisible_is_a_clear_error():
     opt = optax.sgd(0.1)
-    ts = fnn.TrainState.create(make_params(jnp.float32), opt, key=jax.random.key(0))
+    ts = init_state(make_params(jnp.float32), opt, key=jax.random.key(0))
     step = fnn.make_train_step(linear_loss, opt, accum_steps=4)
     x, y = make_data(b=10)
     batch = {"x": x, "y": y, "mask": np.ones(10, bool)}
@@ -56,12 +57,14 @@ def test_batch_not_divisible_is_a_clear_error():
         step(ts, batch)
 
 
-@pytest.mark.parametrize("bad", [0, -1, 1.5])
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
 def test_bad_arguments(bad):
-    with pytest.raises(ValueError, match="make_train_step: accum_steps"):
+    with pytest.raises(ValueError, match="make_train_step: expected accum_steps"):
         fnn.make_train_step(linear_loss, optax.sgd(0.1), accum_steps=bad)
-    with pytest.raises(ValueError, match="make_train_step: steps_per_call"):
+    with pytest.raises(ValueError, match="make_train_step: expected steps_per_call"):
         fnn.make_train_step(linear_loss, optax.sgd(0.1), steps_per_call=bad)
+    with pytest.raises(TypeError, match="optax GradientTransformation"):
+        fnn.make_train_step(linear_loss, optax.sgd)
 
 
 @pytest.mark.parametrize(
@@ -76,7 +79,7 @@ def test_bad_arguments(bad):
 def test_step_matches_optax_on_numpy_gradient(opt):
     with jax.enable_x64(True):
         params = make_params()
-        ts = fnn.TrainState.create(
+        ts = init_state(
             jax.tree.map(jnp.copy, params), opt, key=jax.random.key(0)
         )  # the step donates the train state's buffers
         step = fnn.make_train_step(linear_loss, opt, accum_steps=3)
@@ -118,7 +121,7 @@ def test_jit_equals_no_jit():
         opt = optax.adam(0.05)
         out = []
         for jit in (True, False):
-            ts = fnn.TrainState.create(make_params(), opt, key=jax.random.key(0))
+            ts = init_state(make_params(), opt, key=jax.random.key(0))
             step = fnn.make_train_step(linear_loss, opt, accum_steps=3, jit=jit)
             for seed in range(2):
                 ts, metrics = step(ts, jax.tree.map(jnp.asarray, make_batch(seed)))
@@ -136,7 +139,7 @@ def test_step_is_traced_once_and_donates():
         return linear_loss(params, batch, key)
 
     opt = optax.adam(0.01)
-    ts = fnn.TrainState.create(make_params(jnp.float32), opt, key=jax.random.key(0))
+    ts = init_state(make_params(jnp.float32), opt, key=jax.random.key(0))
     step = fnn.make_train_step(loss, opt, accum_steps=3)
     ts, _ = step(ts, make_batch(0))
     after_first = len(n_traces)
@@ -147,7 +150,8 @@ def test_step_is_traced_once_and_donates():
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(old))  # donated
     # The same through chex: the unjitted step, jitted once, traces once.
     plain = fnn.make_train_step(loss, opt, accum_steps=3, jit=False)
-    jitted = jax.jit(chex.assert_max_traces(plain, n=1), donate_argnums=0)
+    traced = chex.assert_max_traces(lambda ts, batch: plain(ts, batch), n=1)
+    jitted = jax.jit(traced, donate_argnums=0)
     for seed in range(4):
         ts, _ = jitted(ts, make_batch(seed))
 
@@ -157,13 +161,13 @@ def test_steps_per_call_equals_single_steps():
     with jax.enable_x64(True):
         opt = optax.adam(0.05)
         batches = [jax.tree.map(jnp.asarray, make_batch(s)) for s in range(K)]
-        ts1 = fnn.TrainState.create(make_params(), opt, key=jax.random.key(0))
+        ts1 = init_state(make_params(), opt, key=jax.random.key(0))
         single = fnn.make_train_step(linear_loss, opt, accum_steps=3)
         losses = []
         for batch in batches:
             ts1, metrics = single(ts1, batch)
             losses.append(float(metrics["loss"]))
-        tsK = fnn.TrainState.create(make_params(), opt, key=jax.random.key(0))
+        tsK = init_state(make_params(), opt, key=jax.random.key(0))
         multi = fnn.make_train_step(linear_loss, opt, accum_steps=3, steps_per_call=K)
         stacked = next(fnn.data.stack(batches, K))
         tsK, metricsK = multi(tsK, stacked)
@@ -206,7 +210,7 @@ def test_model_state_is_carried_through_the_scan():
         return (jnp.sum(y), y.size), state
 
     opt = optax.sgd(0.0)
-    ts = fnn.TrainState.create(params, opt, key=jax.random.key(0), state=state)
+    ts = init_state(params, opt, key=jax.random.key(0), state=state)
     step = fnn.make_train_step(loss, opt, accum_steps=k, has_state=True)
     x = np.arange(b * 2, dtype=np.float32).reshape(b, 2)
     ts, metrics = step(ts, {"x": x})
@@ -223,13 +227,13 @@ def test_zero_weight_gives_a_zero_gradient_not_nan():
     params = make_params(jnp.float32)
     # plain SGD: a zero gradient leaves params unchanged
     sgd = optax.sgd(0.1)
-    ts = fnn.TrainState.create(params, sgd, key=jax.random.key(0))
+    ts = init_state(params, sgd, key=jax.random.key(0))
     step = fnn.make_train_step(linear_loss, sgd, accum_steps=2, donate=False)
     new, metrics = step(ts, batch)
     chex.assert_trees_all_equal(new.params, params)
     # Adam: its moments decay, params stay finite
     adam = optax.adam(0.1)
-    ts = fnn.TrainState.create(params, adam, key=jax.random.key(0))
+    ts = init_state(params, adam, key=jax.random.key(0))
     step = fnn.make_train_step(linear_loss, adam, accum_steps=2, donate=False)
     new, metrics = step(ts, batch)
     chex.assert_tree_all_finite((new.params, new.opt_state))
@@ -238,18 +242,71 @@ def test_zero_weight_gives_a_zero_gradient_not_nan():
     assert int(new.step) == 1
 
 
-def test_train_state_create():
-    ts = fnn.TrainState.create(
-        make_params(jnp.float32), optax.sgd(1.0), key=jax.random.key(0)
+def test_init_makes_the_state_for_its_own_optimizer():
+    step = fnn.make_train_step(linear_loss, optax.adam(0.1), donate=False)
+    params = make_params(jnp.float32)
+    ts = step.init(params, key=jax.random.key(0))
+    assert isinstance(ts, fnn.TrainState) and ts._fields == (
+        "step",
+        "params",
+        "opt_state",
+        "state",
+        "key",
     )
     assert ts.step.dtype == jnp.int32 and ts.step.shape == ()
     assert ts.state == {}
     assert jnp.issubdtype(ts.key.dtype, jax.dtypes.prng_key)
-    raw = fnn.TrainState.create({}, optax.sgd(1.0), key=jax.random.PRNGKey(0))
+    chex.assert_trees_all_equal(ts.opt_state, optax.adam(0.1).init(params))
+    paths = [
+        jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(ts)
+    ]
+    assert ".params['w']" in paths and ".params['b']" in paths
+    raw = step.init(params, key=jax.random.PRNGKey(0))
     assert jnp.issubdtype(raw.key.dtype, jax.dtypes.prng_key)
-    chex.assert_trees_all_equal_structs(
-        jax.tree.map(jnp.zeros_like, ts.params), ts.params
+    # the step donates its state, never the caller's params
+    step2 = fnn.make_train_step(linear_loss, optax.adam(0.1))
+    step2(step2.init(params, key=jax.random.key(0)), make_batch(0))
+    assert not params["w"].is_deleted()
+    with pytest.raises(TypeError, match="jax.random.key"):
+        step.init(params, key=0)
+
+
+def test_a_state_made_for_another_optimizer_is_a_clear_error():
+    params = make_params(jnp.float32)
+    sgd_state = fnn.make_train_step(linear_loss, optax.sgd(0.1)).init(
+        params, key=jax.random.key(0)
     )
+    adam_step = fnn.make_train_step(linear_loss, optax.adam(0.1))
+    with pytest.raises(ValueError, match=r"opt_state was not made by this step"):
+        adam_step(sgd_state, make_batch(0))
+    other = fnn.make_train_step(linear_loss, optax.adam(0.1)).init(
+        {"w": jnp.zeros(5), "b": jnp.zeros(())}, key=jax.random.key(0)
+    )
+    with pytest.raises(ValueError, match=r"opt_state.*has shape \(5,\)"):
+        adam_step(other._replace(params=params), make_batch(0))
+    with pytest.raises(TypeError, match="expected a fnn.TrainState"):
+        adam_step({"params": params}, make_batch(0))
+
+
+def test_loss_arity_that_contradicts_has_state_is_a_clear_error():
+    def stateful(params, state, batch, key):
+        return (jnp.sum(params["w"]), 1.0), state
+
+    with pytest.raises(TypeError, match="has_state=True"):
+        fnn.make_train_step(stateful, optax.sgd(0.1))
+    with pytest.raises(TypeError, match="has_state=False"):
+        fnn.make_train_step(linear_loss, optax.sgd(0.1), has_state=True)
+
+
+def test_non_scalar_aux_is_a_clear_error_at_the_first_trace():
+    def loss(params, batch, key):
+        s, w, _ = linear_loss(params, batch, key)
+        return s, w, {"per_example": batch["x"][:, 0]}
+
+    step = fnn.make_train_step(loss, optax.sgd(0.1))
+    ts = step.init(make_params(jnp.float32), key=jax.random.key(0))
+    with pytest.raises(TypeError, match=r"aux\['per_example'\] must be a scalar"):
+        step(ts, make_batch(0))
 
 
 def test_evaluate_with_padded_batches_is_exact():
@@ -269,7 +326,7 @@ def test_evaluate_with_padded_batches_is_exact():
         np.testing.assert_allclose(got["loss"], np.mean(r**2), rtol=EXACT_RTOL_F64)
         np.testing.assert_allclose(got["pos"], np.mean(r > 0), rtol=EXACT_RTOL_F64)
         assert got["weight"] == n
-        ts = fnn.TrainState.create(params, optax.sgd(0.1), key=jax.random.key(0))
+        ts = init_state(params, optax.sgd(0.1), key=jax.random.key(0))
         assert fnn.evaluate(eval_step, ts, padded()) == got
 
 
@@ -283,9 +340,7 @@ def test_eval_with_state_reads_train_state():
         return (jnp.sum(y), y.size), state
 
     step = fnn.make_eval_step(metric, has_state=True)
-    ts = fnn.TrainState.create(
-        params, optax.sgd(0.1), key=jax.random.key(0), state=state
-    )
+    ts = init_state(params, optax.sgd(0.1), key=jax.random.key(0), state=state)
     x = np.ones((3, 2), np.float32)
     assert fnn.evaluate(step, ts, [{"x": x}])["loss"] == 6.0
     assert fnn.evaluate(step, params, [{"x": x}], state=state)["loss"] == 6.0
@@ -299,7 +354,7 @@ def test_aux_may_not_shadow_metric_names():
         return s, w, {"loss": s}
 
     opt = optax.sgd(0.1)
-    ts = fnn.TrainState.create(make_params(jnp.float32), opt, key=jax.random.key(0))
+    ts = init_state(make_params(jnp.float32), opt, key=jax.random.key(0))
     with pytest.raises(ValueError, match=r"may not use the names \['loss'\]"):
         fnn.make_train_step(loss, opt)(ts, make_batch(0))
     with pytest.raises(ValueError, match=r"may not use the names \['loss'\]"):
@@ -311,7 +366,7 @@ def test_grad_norm_false_drops_only_that_metric():
         opt = optax.adam(0.05)
         out = []
         for grad_norm in (True, False):
-            ts = fnn.TrainState.create(make_params(), opt, key=jax.random.key(0))
+            ts = init_state(make_params(), opt, key=jax.random.key(0))
             step = fnn.make_train_step(
                 linear_loss, opt, accum_steps=3, steps_per_call=2, grad_norm=grad_norm
             )
@@ -327,3 +382,28 @@ def test_grad_norm_false_drops_only_that_metric():
             rtol=EXACT_RTOL_F64,
             atol=EXACT_RTOL_F64,
         )
+
+
+def test_evaluate_refuses_a_weight_that_counts_the_padding():
+    def unmasked(params, batch, key):  # ignores batch["mask"]
+        r = batch["x"] @ params["w"] + params["b"] - batch["y"]
+        return jnp.sum(r**2), r.shape[0]
+
+    x, y = make_data(2, 11)
+    data = {"x": x.astype(np.float32), "y": y.astype(np.float32)}
+    params = make_params(jnp.float32)
+    padded = fnn.data.batches(data, 4, shuffle=False, remainder="pad")
+    with pytest.raises(ValueError, match="weight counts the padding rows"):
+        fnn.evaluate(fnn.make_eval_step(unmasked), params, padded)
+    # without padding rows the same metric function is fine
+    whole = fnn.data.batches(data, 11, shuffle=False, remainder="pad")
+    assert fnn.evaluate(fnn.make_eval_step(unmasked), params, whole)["weight"] == 11
+
+
+def test_evaluate_refuses_nan_metrics():
+    x, y = make_data(2, 8)
+    x[5, 1] = np.nan
+    data = {"x": x.astype(np.float32), "y": y.astype(np.float32)}
+    batches = fnn.data.batches(data, 4, shuffle=False, remainder="pad")
+    with pytest.raises(FloatingPointError, match=r"\['loss'.*1 of 2 batches"):
+        fnn.evaluate(fnn.make_eval_step(linear_loss), make_params(jnp.float32), batches)

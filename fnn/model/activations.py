@@ -1,9 +1,11 @@
-"""Activations: each a plain function over ``jax.nn`` and a parameterless layer.
+"""Activations as layers, each over a ``jax.nn`` function.
 
-The functions (``fnn.relu``, ``fnn.gelu``, ...) are thin wrappers over
-``jax.nn``, so they keep its custom gradients and numerics. The layers
-(``fnn.Relu()``, ``fnn.Gelu()``, ...) are all built by one private template,
-``_activation``: params ``{}``, output shape equal to the input shape.
+The functions are ``jax.nn``'s (``jax.nn.relu``, ``jax.nn.sigmoid``, ...), so
+they keep its custom gradients and numerics. fnn adds two functions where it
+adds something: :func:`swish` with a ``beta`` argument, and :func:`gelu`,
+exact by default. The layers (``fnn.Relu()``, ``fnn.Gelu()``, ...) are all
+built by one template, ``_activation``: params ``{}``, output shape equal to
+the input shape.
 
 Examples:
   >>> import jax, fnn
@@ -25,68 +27,13 @@ from fnn.model.options import boolean, integer, number
 from fnn.model.shapes import check_shape
 
 
-def sigmoid(x: ArrayLike) -> jax.Array:
-    """``1 / (1 + exp(-x))``, element-wise; ``jax.nn.sigmoid``.
-
-    Examples:
-      >>> import jax.numpy as jnp, fnn
-      >>> fnn.sigmoid(jnp.array([0.0]))
-      Array([0.5], dtype=float32)
-    """
-    return jax.nn.sigmoid(x)
-
-
-def tanh(x: ArrayLike) -> jax.Array:
-    """The hyperbolic tangent, element-wise; ``jnp.tanh``.
-
-    Examples:
-      >>> import jax.numpy as jnp, fnn
-      >>> fnn.tanh(jnp.array([0.0]))
-      Array([0.], dtype=float32)
-    """
-    return jnp.tanh(x)
-
-
-def hard_tanh(x: ArrayLike) -> jax.Array:
-    """``x`` clipped to ``[-1, 1]``; ``jax.nn.hard_tanh``.
-
-    Examples:
-      >>> import jax.numpy as jnp, fnn
-      >>> fnn.hard_tanh(jnp.array([-3.0, 0.5, 3.0]))
-      Array([-1. ,  0.5,  1. ], dtype=float32)
-    """
-    return jax.nn.hard_tanh(x)
-
-
-def relu(x: ArrayLike) -> jax.Array:
-    """``max(x, 0)``; ``jax.nn.relu`` (its gradient at 0 is 0).
-
-    Examples:
-      >>> import jax.numpy as jnp, fnn
-      >>> fnn.relu(jnp.array([-1.0, 2.0]))
-      Array([0., 2.], dtype=float32)
-    """
-    return jax.nn.relu(x)
-
-
-def leaky_relu(x: ArrayLike, negative_slope: float = 0.01) -> jax.Array:
-    """``x`` where ``x >= 0``, else ``negative_slope * x``; ``jax.nn.leaky_relu``.
-
-    Examples:
-      >>> import jax.numpy as jnp, fnn
-      >>> fnn.leaky_relu(jnp.array([-1.0, 2.0]), negative_slope=0.1)
-      Array([-0.1,  2. ], dtype=float32)
-    """
-    return jax.nn.leaky_relu(x, negative_slope)
-
-
 def swish(x: ArrayLike, beta: float = 1.0) -> jax.Array:
     """``x * sigmoid(beta * x)``; ``beta = 1`` is SiLU (``jax.nn.silu``).
 
     Examples:
       >>> import jax.numpy as jnp, fnn
-      >>> fnn.swish(jnp.array([0.0, 1.0]))
-      Array([0.       , 0.7310586], dtype=float32)
+      >>> fnn.swish(jnp.array([0.0, 1.0]), beta=2.0)
+      Array([0.       , 0.8807971], dtype=float32)
     """
     return x * jax.nn.sigmoid(beta * x)
 
@@ -106,50 +53,6 @@ def gelu(x: ArrayLike, approximate: bool = False) -> jax.Array:
       Array([0.841192], dtype=float32)
     """
     return jax.nn.gelu(x, approximate=approximate)
-
-
-def softmax(x: ArrayLike, axis: int = -1) -> jax.Array:
-    """``exp(x) / sum(exp(x))`` along ``axis``, computed after subtracting the max.
-
-    Examples:
-      >>> import jax.numpy as jnp, fnn
-      >>> fnn.softmax(jnp.array([1e4, 1e4]))
-      Array([0.5, 0.5], dtype=float32)
-    """
-    return jax.nn.softmax(x, axis=axis)
-
-
-def log_softmax(x: ArrayLike, axis: int = -1) -> jax.Array:
-    """``x - logsumexp(x)`` along ``axis``, stable for large ``|x|``.
-
-    Examples:
-      >>> import jax.numpy as jnp, fnn
-      >>> fnn.log_softmax(jnp.array([0.0, 1e4]))
-      Array([-10000.,      0.], dtype=float32)
-    """
-    return jax.nn.log_softmax(x, axis=axis)
-
-
-def elu(x: ArrayLike, alpha: float = 1.0) -> jax.Array:
-    """``x`` where ``x > 0``, else ``alpha * (exp(x) - 1)``; ``jax.nn.elu``.
-
-    Examples:
-      >>> import jax.numpy as jnp, fnn
-      >>> fnn.elu(jnp.array([-1e4, 2.0]))
-      Array([-1.,  2.], dtype=float32)
-    """
-    return jax.nn.elu(x, alpha)
-
-
-def softplus(x: ArrayLike) -> jax.Array:
-    """``log(1 + exp(x))``, stable for large ``|x|``; ``jax.nn.softplus``.
-
-    Examples:
-      >>> import jax.numpy as jnp, fnn
-      >>> fnn.softplus(jnp.array([-1e4, 1e4]))
-      Array([    0., 10000.], dtype=float32)
-    """
-    return jax.nn.softplus(x)
 
 
 def _activation(
@@ -198,56 +101,58 @@ def _activation(
 
 
 def Sigmoid() -> Layer:
-    """The layer of :func:`fnn.sigmoid`; the head for two classes.
-
-    Examples:
-      >>> import jax, fnn
-      >>> fnn.Sigmoid().init(jax.random.key(0), (-1, 1))
-      ((-1, 1), {})
-    """
-    return _activation("sigmoid", "Sigmoid()", sigmoid)
-
-
-def Tanh() -> Layer:
-    """The layer of :func:`fnn.tanh`.
+    """``jax.nn.sigmoid``, ``1 / (1 + exp(-x))``, as a layer; the head for two
+    classes.
 
     Examples:
       >>> import jax, jax.numpy as jnp, fnn
-      >>> fnn.Tanh().apply({}, jnp.zeros((2, 3))).shape
-      (2, 3)
+      >>> fnn.Sigmoid().apply({}, jnp.array([0.0]))
+      Array([0.5], dtype=float32)
     """
-    return _activation("tanh", "Tanh()", tanh)
+    return _activation("sigmoid", "Sigmoid()", jax.nn.sigmoid)
 
 
-def HardTanh() -> Layer:
-    """The layer of :func:`fnn.hard_tanh`: clips to ``[-1, 1]``.
+def Tanh() -> Layer:
+    """``jnp.tanh`` as a layer.
 
     Examples:
       >>> import jax.numpy as jnp, fnn
-      >>> fnn.HardTanh().apply({}, jnp.array([-5.0, 5.0]))
-      Array([-1.,  1.], dtype=float32)
+      >>> fnn.Tanh().apply({}, jnp.zeros((2, 3))).shape
+      (2, 3)
     """
-    return _activation("hard_tanh", "HardTanh()", hard_tanh)
+    return _activation("tanh", "Tanh()", jnp.tanh)
+
+
+def HardTanh() -> Layer:
+    """``jax.nn.hard_tanh`` as a layer: clips to ``[-1, 1]``.
+
+    Examples:
+      >>> import jax.numpy as jnp, fnn
+      >>> fnn.HardTanh().apply({}, jnp.array([-5.0, 0.5, 5.0]))
+      Array([-1. ,  0.5,  1. ], dtype=float32)
+    """
+    return _activation("hard_tanh", "HardTanh()", jax.nn.hard_tanh)
 
 
 def Relu() -> Layer:
-    """The layer of :func:`fnn.relu`, ``max(x, 0)``.
+    """``jax.nn.relu``, ``max(x, 0)``, as a layer (its gradient at 0 is 0).
 
     Examples:
-      >>> import jax, fnn
-      >>> fnn.Relu().init(jax.random.key(0), (-1, 8))
-      ((-1, 8), {})
+      >>> import jax, jax.numpy as jnp, fnn
+      >>> fnn.Relu().apply({}, jnp.array([-1.0, 2.0]))
+      Array([0., 2.], dtype=float32)
     """
-    return _activation("relu", "Relu()", relu)
+    return _activation("relu", "Relu()", jax.nn.relu)
 
 
 def LeakyRelu(negative_slope: float = 0.01) -> Layer:
-    """The layer of :func:`fnn.leaky_relu`.
+    """``jax.nn.leaky_relu`` as a layer: ``x`` for ``x >= 0``, else
+    ``negative_slope * x``.
 
     Args:
       negative_slope: the slope for ``x < 0``. The default 0.01 is that of the
-        leaky-ReLU paper, ``jax.nn``, PyTorch and Flax, so ported weights give the
-        same outputs.
+        leaky-ReLU paper, ``jax.nn``, PyTorch and Flax, so ported weights give
+        the same outputs.
 
     Raises:
       ValueError: if ``negative_slope`` is not a finite number.
@@ -259,11 +164,11 @@ def LeakyRelu(negative_slope: float = 0.01) -> Layer:
     """
     s = number("LeakyRelu", "negative_slope", negative_slope)
     desc = signature("LeakyRelu", negative_slope=s)
-    return _activation("leaky_relu", desc, lambda x: leaky_relu(x, s))
+    return _activation("leaky_relu", desc, lambda x: jax.nn.leaky_relu(x, s))
 
 
 def Swish(beta: float = 1.0) -> Layer:
-    """The layer of :func:`fnn.swish`, ``x * sigmoid(beta * x)``.
+    """:func:`fnn.swish`, ``x * sigmoid(beta * x)``, as a layer.
 
     Args:
       beta: the sharpness. The default 1 is SiLU, the form used in practice
@@ -283,7 +188,7 @@ def Swish(beta: float = 1.0) -> Layer:
 
 
 def Gelu(approximate: bool = False) -> Layer:
-    """The layer of :func:`fnn.gelu`.
+    """:func:`fnn.gelu` as a layer.
 
     Args:
       approximate: use the tanh approximation. The default is the exact
@@ -306,7 +211,8 @@ def Gelu(approximate: bool = False) -> Layer:
 
 
 def Softmax(axis: int = -1) -> Layer:
-    """The layer of :func:`fnn.softmax`; the head for many classes.
+    """``jax.nn.softmax`` as a layer (stable: the max is subtracted first); the
+    head for many classes.
 
     Args:
       axis: the axis that sums to one. The default, the last axis, is the
@@ -317,9 +223,9 @@ def Softmax(axis: int = -1) -> Layer:
       ShapeError: at init or apply, if ``axis`` is out of range for the input.
 
     Examples:
-      >>> import jax, fnn
-      >>> fnn.Softmax().init(jax.random.key(0), (-1, 10))
-      ((-1, 10), {})
+      >>> import jax, jax.numpy as jnp, fnn
+      >>> fnn.Softmax().apply({}, jnp.array([1e4, 1e4]))
+      Array([0.5, 0.5], dtype=float32)
       >>> fnn.Softmax(axis=5).init(jax.random.key(0), (-1, 10))
       Traceback (most recent call last):
       ...
@@ -328,15 +234,16 @@ def Softmax(axis: int = -1) -> Layer:
     """
     a = integer("Softmax", "axis", axis)
     desc = signature("Softmax", axis=a)
-    return _activation("softmax", desc, lambda x: softmax(x, a), axis=a)
+    return _activation("softmax", desc, lambda x: jax.nn.softmax(x, axis=a), axis=a)
 
 
 def LogSoftmax(axis: int = -1) -> Layer:
-    """The layer of :func:`fnn.log_softmax`; pairs with a cross-entropy loss.
+    """``jax.nn.log_softmax``, ``x - logsumexp(x)``, as a layer; pairs with a
+    cross-entropy loss.
 
     Args:
       axis: the axis normalised; the last (class) axis by default, as
-        :class:`Softmax`.
+        :func:`Softmax`.
 
     Raises:
       ValueError: if ``axis`` is not an int.
@@ -344,16 +251,18 @@ def LogSoftmax(axis: int = -1) -> Layer:
 
     Examples:
       >>> import jax.numpy as jnp, fnn
-      >>> fnn.LogSoftmax().apply({}, jnp.zeros((1, 2)))
-      Array([[-0.6931472, -0.6931472]], dtype=float32)
+      >>> fnn.LogSoftmax().apply({}, jnp.array([0.0, 1e4]))
+      Array([-10000.,      0.], dtype=float32)
     """
     a = integer("LogSoftmax", "axis", axis)
     desc = signature("LogSoftmax", axis=a)
-    return _activation("log_softmax", desc, lambda x: log_softmax(x, a), axis=a)
+    fn = lambda x: jax.nn.log_softmax(x, axis=a)  # noqa: E731
+    return _activation("log_softmax", desc, fn, axis=a)
 
 
 def Elu(alpha: float = 1.0) -> Layer:
-    """The layer of :func:`fnn.elu`.
+    """``jax.nn.elu`` as a layer: ``x`` for ``x > 0``, else
+    ``alpha * (exp(x) - 1)``.
 
     Args:
       alpha: the value approached as ``x -> -inf`` is ``-alpha``. The default 1
@@ -364,22 +273,23 @@ def Elu(alpha: float = 1.0) -> Layer:
 
     Examples:
       >>> import jax.numpy as jnp, fnn
-      >>> fnn.Elu(alpha=2.0).apply({}, jnp.array([-1e4]))
-      Array([-2.], dtype=float32)
+      >>> fnn.Elu(alpha=2.0).apply({}, jnp.array([-1e4, 2.0]))
+      Array([-2.,  2.], dtype=float32)
     """
     a = number("Elu", "alpha", alpha)
-    return _activation("elu", signature("Elu", alpha=a), lambda x: elu(x, a))
+    return _activation("elu", signature("Elu", alpha=a), lambda x: jax.nn.elu(x, a))
 
 
 def Softplus() -> Layer:
-    """The layer of :func:`fnn.softplus`, ``log(1 + exp(x))``.
+    """``jax.nn.softplus``, ``log(1 + exp(x))``, as a layer (stable for large
+    ``|x|``).
 
     Examples:
       >>> import jax.numpy as jnp, fnn
-      >>> fnn.Softplus().apply({}, jnp.array([0.0]))
-      Array([0.6931472], dtype=float32)
+      >>> fnn.Softplus().apply({}, jnp.array([-1e4, 1e4]))
+      Array([    0., 10000.], dtype=float32)
     """
-    return _activation("softplus", "Softplus()", softplus)
+    return _activation("softplus", "Softplus()", jax.nn.softplus)
 
 
 def elementwise(fn: Callable[[jax.Array], jax.Array], name: str | None = None) -> Layer:

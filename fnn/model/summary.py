@@ -14,8 +14,9 @@ def count_params(params: Any) -> int:
 
     Examples:
       >>> import jax, fnn
+      >>> from fnn.model.summary import count_params
       >>> _, params = fnn.Dense(3).init(jax.random.key(0), (-1, 4))
-      >>> fnn.count_params(params)
+      >>> count_params(params)
       15
     """
     return sum(int(leaf.size) for leaf in jax.tree.leaves(params))

@@ -3,8 +3,8 @@
 :func:`accumulate_gradients` sums the gradient of a loss that returns
 ``(loss_sum, weight[, aux])`` over microbatches and divides nothing: the caller
 divides once, after any cross-device sum, so masked and uneven microbatches
-give exactly the gradient of the whole batch. :mod:`fnn.train` builds the
-training step on it; a data-parallel step runs it inside ``jax.shard_map``.
+give exactly the gradient of the whole batch. :mod:`fnn.training.step` builds
+the training step on it; on a mesh each device runs it inside ``jax.shard_map``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from fnn.model.options import positive_int
 
 LossFn = Callable[..., Any]
 
@@ -52,7 +54,21 @@ def unpack_loss_output(out: Any) -> tuple[jax.Array, jax.Array, dict[str, jax.Ar
             "loss_fn must return a scalar loss sum and a scalar weight, got shapes "
             f"{jnp.shape(loss_sum)!r} and {jnp.shape(weight)!r}."
         )
+    for name, value in aux.items():
+        if jnp.ndim(value):
+            raise TypeError(
+                f"loss_fn's aux[{name!r}] must be a scalar sum (it is divided by "
+                f"the weight and averaged over steps), got shape "
+                f"{jnp.shape(value)!r}; sum it, e.g. jnp.sum(...)."
+            )
     return jnp.asarray(loss_sum), jnp.asarray(weight), aux
+
+
+def check_aux_names(aux: dict) -> None:
+    """Raises ``ValueError`` when ``aux`` uses a name the metrics reserve."""
+    reserved = {"loss", "weight", "grad_norm"} & set(aux)
+    if reserved:
+        raise ValueError(f"loss_fn's aux may not use the names {sorted(reserved)!r}.")
 
 
 def accumulator_dtype(dtype: Any) -> Any:
@@ -132,21 +148,17 @@ def accumulate_gradients(
         both), or the batch leaves' leading sizes differ.
 
     Examples:
-      >>> import jax, jax.numpy as jnp, fnn
+      >>> import jax, jax.numpy as jnp
+      >>> from fnn.training.accumulate import accumulate_gradients
       >>> def loss_fn(params, batch, key):
       ...     return jnp.sum((batch["x"] * params["w"]) ** 2), batch["x"].shape[0]
-      >>> sums = fnn.accumulate_gradients(
+      >>> sums = accumulate_gradients(
       ...     loss_fn, {"w": jnp.array(2.0)}, {}, {"x": jnp.arange(4.0)}, None,
       ...     accum_steps=2)
       >>> sums.grad_sum["w"], sums.weight  # d/dw sum (x w)^2 = 2 w sum x^2
       (Array(56., dtype=float32), Array(4., dtype=float32))
     """
-    if not isinstance(accum_steps, int) or accum_steps < 1:
-        raise ValueError(
-            f"accumulate_gradients: accum_steps must be a positive int, "
-            f"got {accum_steps!r}."
-        )
-    k = accum_steps
+    k = positive_int("accumulate_gradients", "accum_steps", accum_steps)
     b = leading_size(batch)
     if b % k:
         raise ValueError(

@@ -8,9 +8,6 @@ under ``directory/<step>/``. It is a thin layer over
 
 * typed PRNG keys (``jax.random.key``) are stored as their raw ``key_data`` and
   rewrapped with the target's implementation on restore;
-* a :class:`fnn.TrainState` is stored as its unpacked fields (``.step``,
-  ``.params[...]``, ...), so the files name every leaf and do not depend on how
-  the state packs its small leaves;
 * the saved tree's leaf paths, shapes and dtypes are recorded, so a restore into
   a structure that does not match fails with a ``ValueError`` that names the
   first differing path (or the leaf and both shapes) instead of an error from
@@ -32,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-
-from fnn.training.train_state import TrainState
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 __all__ = ["Checkpointer"]
 
@@ -50,29 +47,6 @@ def _key_impl(leaf: Any) -> str:
         if jax.random.key(0, impl=name).dtype == leaf.dtype:
             return name
     raise ValueError(f"Checkpointer: unknown PRNG key type {leaf.dtype}.")
-
-
-def _is_train_state(x: Any) -> bool:
-    return isinstance(x, TrainState)
-
-
-def _unpacked(tree: Any) -> Any:
-    """``tree`` with each :class:`fnn.TrainState` as its fields (what is stored)."""
-    return jax.tree.map(
-        lambda x: x.fields if _is_train_state(x) else x, tree, is_leaf=_is_train_state
-    )
-
-
-def _repacked(target: Any, restored: Any) -> Any:
-    """``restored`` (train states as fields) in ``target``'s train states."""
-    targets, treedef = jax.tree.flatten(target, is_leaf=_is_train_state)
-    values = treedef.flatten_up_to(restored)
-    return treedef.unflatten(
-        [
-            t.replace(**v._asdict()) if _is_train_state(t) else v
-            for t, v in zip(targets, values)
-        ]
-    )
 
 
 def _dtype(x: Any) -> np.dtype:
@@ -143,9 +117,13 @@ def _to_storable(leaf: Any) -> Any:
 
 def _abstract(leaf: Any) -> Any:
     """What Orbax should restore for a target leaf (raw data for a key)."""
-    if _is_key(leaf):
-        leaf = jax.eval_shape(jax.random.key_data, leaf)
     sharding = getattr(leaf, "sharding", None)
+    if _is_key(leaf):
+        raw = jax.eval_shape(jax.random.key_data, leaf)
+        if isinstance(sharding, NamedSharding):  # the key's spec, and the key data
+            spec = P(*sharding.spec, *[None] * (raw.ndim - len(sharding.spec)))
+            sharding = NamedSharding(sharding.mesh, spec)
+        return jax.ShapeDtypeStruct(raw.shape, raw.dtype, sharding=sharding)
     return jax.ShapeDtypeStruct(np.shape(leaf), _dtype(leaf), sharding=sharding)
 
 
@@ -229,7 +207,7 @@ class Checkpointer:
             not isinstance(max_to_keep, int) or max_to_keep < 1
         ):
             raise ValueError(
-                f"Checkpointer: expected max_to_keep to be a positive integer or "
+                f"Checkpointer: expected max_to_keep to be a positive int or "
                 f"None, got {max_to_keep!r}."
             )
         self.directory = os.path.abspath(os.fspath(directory))
@@ -262,7 +240,7 @@ class Checkpointer:
           TypeError: when ``metadata`` cannot be written as JSON.
           ValueError: when a checkpoint for ``step`` already exists.
         """
-        records, leaves, _ = _describe_leaves(_unpacked(tree))
+        records, leaves, _ = _describe_leaves(tree)
         meta = {"metadata": dict(metadata or {}), "leaves": records}
         try:
             json.dumps(meta)
@@ -344,7 +322,7 @@ class Checkpointer:
         """
         step = self._step(step, "restore")
         meta = self._read_meta(step)
-        records, leaves, treedef = _describe_leaves(_unpacked(target))
+        records, leaves, treedef = _describe_leaves(target)
         where = f"The checkpoint for step {step} in {self.directory}"
         _check_match(where, meta["leaves"], records)
         abstract = _nest(records, [_abstract(leaf) for leaf in leaves])
@@ -363,7 +341,7 @@ class Checkpointer:
                 value = type(leaf)(np.asarray(value).item())
             out.append(value)
         tree = jax.tree_util.tree_unflatten(treedef, out)
-        return _repacked(target, tree), meta["metadata"]
+        return tree, meta["metadata"]
 
     def wait(self) -> None:
         """Blocks until every pending save is complete on disk."""

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from fnn.model.options import choice, integer, positive_int
 from fnn.training.accumulate import leading_size
 
 _REMAINDERS = ("drop", "pad", "keep")
@@ -47,16 +48,10 @@ def num_batches(n: int, batch_size: int, remainder: str = "drop") -> int:
 
 
 def _check(n: int, batch_size: int, remainder: str) -> None:
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(
-            f"batches: batch_size must be a positive int, got {batch_size!r}."
-        )
+    positive_int("batches", "batch_size", batch_size)
     if n < 0:
         raise ValueError(f"batches: the number of examples must be >= 0, got {n!r}.")
-    if remainder not in _REMAINDERS:
-        raise ValueError(
-            f"batches: remainder must be one of {_REMAINDERS!r}, got {remainder!r}."
-        )
+    choice("batches", "remainder", remainder, _REMAINDERS)
 
 
 def batches(
@@ -146,6 +141,52 @@ def _epoch(host: Any, order: np.ndarray, batch_size: int, remainder: str):
         yield batch
 
 
+def stream(
+    arrays: Any,
+    batch_size: int,
+    *,
+    key: jax.Array | None = None,
+    shuffle: bool = True,
+    remainder: str = "drop",
+    start: int = 0,
+) -> Iterator[Any]:
+    """Batches of epoch after epoch, endlessly, from the ``start``-th batch.
+
+    Epoch ``e`` is :func:`batches` with ``epoch=e``; the stream starts at
+    batch ``start % per_epoch`` of epoch ``start // per_epoch``. This is how
+    :func:`fnn.fit` resumes exactly: the position in the stream is the number
+    of steps taken.
+
+    Raises:
+      ValueError: as :func:`batches`, or when an epoch has no batch.
+
+    Examples:
+      >>> import numpy as np, fnn
+      >>> s = fnn.data.stream({"x": np.arange(5)}, 2, shuffle=False, start=1)
+      >>> [next(s)["x"].tolist() for _ in range(3)]
+      [[2, 3], [0, 1], [2, 3]]
+    """
+    n = leading_size(arrays, "arrays")
+    per_epoch = num_batches(n, batch_size, remainder)
+    if per_epoch == 0:
+        raise ValueError(
+            f"stream: {n} examples give no batch of {batch_size} with "
+            f"remainder={remainder!r}; use a smaller batch_size."
+        )
+    epoch, skip = divmod(integer("stream", "start", start, minimum=0), per_epoch)
+    while True:
+        it = batches(
+            arrays,
+            batch_size,
+            key=key,
+            epoch=epoch,
+            shuffle=shuffle,
+            remainder=remainder,
+        )
+        yield from itertools.islice(it, skip, None)
+        epoch, skip = epoch + 1, 0
+
+
 def stack(batches: Iterable[Any], k: int) -> Iterator[Any]:
     """Groups ``k`` consecutive batches into one with a leading axis ``k``.
 
@@ -169,8 +210,7 @@ def stack(batches: Iterable[Any], k: int) -> Iterator[Any]:
       >>> [b["x"].shape for b in fnn.data.stack(bs, 3)]
       [(3, 2), (3, 2)]
     """
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"stack: k must be a positive int, got {k!r}.")
+    k = positive_int("stack", "k", k)
     it = iter(batches)
     while group := list(itertools.islice(it, k)):
         if len(group) < k:
@@ -204,8 +244,7 @@ def prefetch_to_device(
       >>> [type(b["x"]).__name__ for b in fnn.data.prefetch_to_device(bs)]
       ['ArrayImpl', 'ArrayImpl', 'ArrayImpl']
     """
-    if not isinstance(size, int) or size < 1:
-        raise ValueError(f"prefetch_to_device: size must be >= 1, got {size!r}.")
+    size = positive_int("prefetch_to_device", "size", size)
     queue: collections.deque = collections.deque()
     it = iter(iterator)
     for batch in it:

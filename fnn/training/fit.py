@@ -1,72 +1,146 @@
-"""``fit``: the training loop over epochs, with evaluation, history and checkpoints.
+"""``fit``: the training loop over epochs, in small named parts.
 
-The loop owns nothing that a training step does not: it draws batches with
-:func:`fnn.data.batches`, calls the step, and at chosen steps pulls the metrics
-to the host, evaluates, records history and saves checkpoints. Between those
-points it never waits for the device, so a jitted step runs back to back.
+* :class:`_Plan`, the schedule: how many steps, and which steps are report
+  points (history entries, evaluations, checkpoints); calls never cross one.
+* :func:`_calls`, the data: ``fnn.data.stream`` batches from the position the
+  run has reached, stacked ``K`` at a time for a ``steps_per_call=K`` step.
+* :class:`_Reporter`: the progress bar, the history and its file.
+* :class:`_Saver`: checkpoints and the exact resume.
+* callbacks (:mod:`fnn.callbacks`): after steps, evaluations and checkpoints.
 
-The data order is a function of ``(key, epoch)``, and the number of steps taken
-fixes the position in the stream (epoch ``done // steps_per_epoch``, batch
-``done % steps_per_epoch``). A checkpoint therefore needs only the train state
-and that count to resume *exactly*: the resumed run skips the batches already
-consumed and continues with the same batches, the same PRNG keys and the same
-params, bit for bit, as a run that never stopped.
+The data order is a function of ``(key, epoch)`` and the number of steps taken
+fixes the position in the stream, so a checkpoint needs only the train state,
+that count and the metrics not yet in an entry to resume *exactly*: the
+resumed run continues with the same batches, keys and params, bit for bit, as
+a run that never stopped. Between report points the loop never waits for the
+device.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+import optax
 from tqdm.auto import tqdm
 
+from fnn.model.options import boolean, choice, positive_int
 from fnn.training import data
-from fnn.training.checkpoint import Checkpointer
-from fnn.training.compiling import jit_step
+from fnn.training.accumulate import leading_size
+from fnn.training.callbacks import Run
 from fnn.training.evaluate import evaluate
-from fnn.training.history import (
-    History,
-    MetricLog,
-    history_format,
-    non_finite_error,
-    write_history,
-)
-from fnn.training.step import leading_size
-from fnn.training.train_state import scan_train_state
-
-__all__ = ["fit"]
+from fnn.training.history import HistoryFile, MetricLog, NonFiniteLossError
+from fnn.training.resume import Saver
 
 
-@jax.jit
-def _all_finite(tree: Any) -> jax.Array:
-    leaves = [
-        jnp.all(jnp.isfinite(x))
-        for x in jax.tree.leaves(tree)
-        if jnp.issubdtype(x.dtype, jnp.inexact)
-    ]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+class _Plan:
+    """The schedule: total steps, steps per epoch and the report grid."""
+
+    def __init__(self, n, batch_size, remainder, epochs, steps, grid, k):
+        self.per_epoch = data.num_batches(n, batch_size, remainder)
+        if self.per_epoch == 0:
+            raise ValueError(
+                f"fit: {n} examples give no batch of {batch_size} with "
+                f"remainder={remainder!r}; use a smaller batch_size."
+            )
+        self.total = min(
+            epochs * self.per_epoch if epochs is not None else math.inf,
+            steps if steps is not None else math.inf,
+        )
+        self.grid = [g for g in grid if g]
+        self.k = k
+
+    def call_size(self, done: int) -> int:
+        """Steps in the call that starts after ``done`` steps."""
+        to_grid = min((g - done % g for g in self.grid), default=self.k)
+        return min(self.k, self.total - done, to_grid)
+
+    def due(self, every: int | None, done: int) -> bool:
+        return bool(every) and done % every == 0
 
 
-@functools.lru_cache(maxsize=8)
-def _scanned(train_step: Callable) -> Callable:
-    """``train_step`` run over a leading axis of stacked batches, compiled once
-    per step function (a resumed ``fit`` in the same process reuses it)."""
-    return jit_step(lambda ts, bs: scan_train_state(train_step, ts, bs), donate=True)
+def _calls(plan: _Plan, stream: Iterator, done: int, put: Callable) -> Iterator:
+    """``(k, batch)`` per call, sent to the device one call ahead."""
+    ahead: list = []
+    while done < plan.total:
+        k = plan.call_size(done)
+        group = list(islice(stream, k))
+        batch = next(data.stack(group, k)) if k > 1 else group[0]
+        ahead.append((k, put(batch)))
+        if len(ahead) > 1:
+            yield ahead.pop(0)
+        done += k
+    yield from ahead
 
 
-def _positive(name: str, value: Any, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"fit: {name} must be a positive int, got {value!r}.")
+def _learning_rate(opt_state: Any) -> Any:
+    """The learning rate an ``optax.inject_hyperparams`` state holds, or None."""
+    found = optax.tree_utils.tree_get_all_with_path(opt_state, "learning_rate")
+    values = [v for _, v in found if hasattr(v, "dtype") and np.ndim(v) == 0]
+    return values[0] if len(values) == 1 else None
+
+
+class _Reporter:
+    """The progress bar, the metric log, the history and its file."""
+
+    def __init__(self, total, done, batch_size, progress, history_file):
+        main = jax.process_index() == 0  # one bar and one file per job
+        self.bar = tqdm(
+            total=total,
+            initial=done,
+            unit="step",
+            disable=not progress or not main,
+            dynamic_ncols=True,
+        )
+        self.file = history_file if main else None
+        self.log = MetricLog()
+        self.batch_size = batch_size
+        self.shown: dict[str, str] = {}
+        self.clock = (time.perf_counter(), done)
+
+    def entry(self, run: Run, done: int, per_epoch: int, lr: Any) -> dict:
+        """The next history entry: the step, the epoch and the mean metrics."""
+        entry = {"step": run.step, "epoch": round(done / per_epoch, 6)}
+        entry.update(self.log.means())
+        if lr is not None:
+            entry["lr"] = float(lr)
+        return entry
+
+    def record(self, run: Run, entry: dict) -> None:
+        run.history.append(entry)
+        if self.file is not None:
+            self.file.append(entry)
+        self.shown.update({k: f"{v:.4f}" for k, v in entry.items() if "eval_" in k})
+        if "loss" in entry:
+            self.shown["loss"] = f"{entry['loss']:.4f}"
+
+    def refresh(self, done: int) -> None:
+        """The bar's loss and speed (training time since the last refresh)."""
+        if self.log.host and "loss" not in self.shown:
+            self.shown["loss"] = f"{self.log.means().get('loss', math.nan):.4f}"
+        seconds = time.perf_counter() - self.clock[0]
+        if seconds > 0 and done > self.clock[1]:
+            rate = (done - self.clock[1]) * self.batch_size / seconds
+            self.shown["ex/s"] = f"{rate:,.0f}"
+        order = sorted(self.shown, key=lambda k: (k != "loss", k == "ex/s", k))
+        self.bar.set_postfix({k: self.shown[k] for k in order}, refresh=False)
+
+    def restart_clock(self, done: int) -> None:
+        self.clock = (time.perf_counter(), done)
+
+
+def _eval_columns(eval_step: Any, train_state: Any, eval_batch: Any) -> list[str]:
+    """The history keys of the evaluation metrics (for a CSV header)."""
+    if eval_step is None:
+        return []
+    sums = jax.eval_shape(eval_step, train_state, eval_batch)
+    return [f"eval_{k}" for k in sums if not k.startswith("_") and k != "weight"]
 
 
 def fit(
@@ -80,7 +154,6 @@ def fit(
     key: jax.Array | None = None,
     shuffle: bool = True,
     remainder: str = "drop",
-    steps_per_call: int = 1,
     eval_step: Callable[..., dict] | None = None,
     eval_data: Any = None,
     eval_every: int | None = None,
@@ -91,9 +164,10 @@ def fit(
     max_to_keep: int | None = 3,
     resume: bool = True,
     history_path: str | os.PathLike | None = None,
+    callbacks: Sequence[Any] = (),
     progress: bool = True,
     progress_every: int = 25,
-) -> tuple[Any, History]:
+) -> tuple[Any, list[dict[str, float]]]:
     """Trains ``train_state`` with ``train_step`` over ``train_data``.
 
     Each step takes the next batch of ``batch_size`` examples. The run is
@@ -102,26 +176,28 @@ def fit(
     same arguments after an interruption resumes from the latest checkpoint
     and ends where an uninterrupted run ends.
 
-    Metrics stay on the device between *report points*; at a report point
-    (every ``log_every`` steps, every ``eval_every`` steps, at a checkpoint,
-    every ``progress_every`` steps for the progress bar, and at the end) the
+    Metrics stay on the device between *report points*: every ``log_every``
+    steps (a history entry), every ``eval_every`` steps, at a checkpoint,
+    every ``progress_every`` steps (the bar's loss) and at the end. There the
     pending metrics are pulled in one transfer and every step's loss is
-    checked. A NaN or infinite loss raises :class:`NonFiniteLossError` naming
-    the step and the loss; since every checkpoint is preceded by that check
-    (and a check of the params), no checkpoint holds a state reached through a
+    checked: a NaN or infinite loss raises :class:`fnn.NonFiniteLossError`
+    naming the step, and since every checkpoint is preceded by that check and
+    a check of the params, no checkpoint holds a state reached through a
     non-finite loss.
 
     Args:
-      train_step: ``step(train_state, batch) -> (train_state, metrics)`` doing
-        ONE optimizer step, e.g. :func:`fnn.make_train_step` with the default
-        ``steps_per_call=1``; ``metrics`` has ``"loss"`` and, for exact means,
-        ``"weight"``.
-      train_state: the state to start from (e.g. ``fnn.TrainState.create``);
+      train_step: from :func:`fnn.make_train_step` (or any ``step(state,
+        batch) -> (state, metrics)`` doing one step). With
+        ``steps_per_call=K``, ``fit`` stacks ``K`` batches per call and uses
+        ``train_step.single`` for the calls it shortens to land exactly on a
+        report point (choose the report intervals as multiples of ``K``).
+      train_state: the state to start from, from ``train_step.init``;
         replaced by the latest checkpoint's when resuming. A donating step
         consumes it: use the returned state.
       train_data: a pytree (usually a dict) of arrays sharing the leading size
-        ``n``, batched with :func:`fnn.data.batches`.
-      batch_size: examples per step.
+        ``n``, batched with :func:`fnn.data.stream`. With a mesh and many
+        processes, each process passes its own rows.
+      batch_size: examples per step (per process, with many processes).
       epochs: the number of passes over the data.
       steps: the number of steps (at least one of ``epochs``, ``steps``).
       key: the data-order key (``jax.random.key``): epoch ``e`` is shuffled by
@@ -130,45 +206,44 @@ def fit(
       remainder: the last ``n % batch_size`` examples of an epoch: ``"drop"``,
         ``"pad"`` (with ``batch["mask"]``) or ``"keep"``; see
         :func:`fnn.data.batches`.
-      steps_per_call: ``K`` steps per compiled call: ``fit`` stacks ``K``
-        batches and runs ``train_step`` ``K`` times inside one ``lax.scan``.
-        Batches flow across epoch ends, so every batch of every epoch is used
-        in the same order as with ``K = 1``; calls are shortened (single
-        steps) only to land exactly on a report point, so choose ``log_every``,
-        ``eval_every`` and ``checkpoint_every`` as multiples of ``K``.
-      eval_step: from :func:`fnn.make_eval_step`; with ``eval_data``, evaluated
-        every ``eval_every`` steps and at the end.
-      eval_data: a pytree of arrays, batched in order (``remainder="keep"``,
-        so the means are exact without a mask).
-      eval_every: steps between evaluations; ``None`` evaluates at the end only.
+      eval_step: from :func:`fnn.make_eval_step`; with ``eval_data``,
+        evaluated every ``eval_every`` steps and at the end.
+      eval_data: a pytree of arrays, batched in order with
+        ``remainder="pad"``, so the means are exact when the metric function
+        applies ``batch["mask"]`` (:func:`fnn.evaluate` refuses one that
+        does not).
+      eval_every: steps between evaluations; ``None`` evaluates at the end.
       eval_batch_size: examples per eval batch; ``batch_size`` by default.
       log_every: steps between history entries; ``None`` means once an epoch.
-      checkpoint_dir: where to save checkpoints (:class:`fnn.Checkpointer`);
-        ``None`` saves none.
+      checkpoint_dir: where to save checkpoints (:class:`fnn.Checkpointer`)
+        and ``history.jsonl``, the history they resume with; ``None`` saves
+        none.
       checkpoint_every: steps between checkpoints; ``None`` saves at the end
         only. A checkpoint is always saved at the end.
       max_to_keep: how many recent checkpoints to keep.
-      resume: continue from the latest checkpoint in ``checkpoint_dir`` if there
-        is one. With ``resume=False`` a directory that holds checkpoints is an
-        error (nothing is overwritten).
-      history_path: a ``.json`` or ``.csv`` file rewritten at each entry (by
-        process 0 only, in a multi-process job).
+      resume: continue from the latest checkpoint in ``checkpoint_dir``. With
+        ``resume=False`` a directory that holds checkpoints is an error.
+      history_path: a ``.jsonl`` or ``.csv`` file that gains one line per
+        entry (written by process 0 only).
+      callbacks: objects with ``after_step``, ``after_eval`` and
+        ``after_checkpoint`` methods, which may stop training (see
+        :mod:`fnn.callbacks`: ``EarlyStopping``, ``BestCheckpoint``).
       progress: show a tqdm bar (on process 0) with the loss, the latest eval
         metrics and training examples per second.
-      progress_every: steps between updates of the bar's loss (each costs one
-        transfer of the pending metrics).
+      progress_every: steps between updates of the bar's loss.
 
     Returns:
       ``(train_state, history)``. ``history`` is a list of dicts, one per
-      report point: ``step`` (the train state's step), ``epoch`` (epochs done,
-      fractional), the train metrics averaged since the previous entry (the
-      loss and aux metrics per example, ``grad_norm`` per step) and, where
-      evaluated, ``eval_`` + each eval metric.
+      entry: ``step`` (the train state's step), ``epoch`` (epochs done,
+      fractional), the train metrics averaged since the previous entry (loss
+      and aux metrics per example, ``grad_norm`` per step), ``lr`` when the
+      optimizer state holds a learning rate (``optax.inject_hyperparams``)
+      and, where evaluated, ``eval_`` + each eval metric.
 
     Raises:
-      ValueError: for bad arguments, a checkpoint written with another
-        ``batch_size`` or dataset size, or existing checkpoints with
-        ``resume=False``.
+      ValueError: for bad arguments; for resuming from a checkpoint written
+        with another ``batch_size``, data-order key or dataset; for existing
+        checkpoints with ``resume=False``.
       NonFiniteLossError: when a loss or the params become NaN or infinite.
 
     Examples:
@@ -176,23 +251,18 @@ def fit(
       >>> def loss_fn(params, batch, key):
       ...     err = batch["x"] * params["w"] - batch["y"]
       ...     return jnp.sum(err**2), batch["x"].shape[0]
-      >>> opt = optax.sgd(0.1)
-      >>> ts = fnn.TrainState.create({"w": jnp.zeros(())}, opt, key=jax.random.key(0))
+      >>> step = fnn.make_train_step(loss_fn, optax.sgd(0.1))
+      >>> ts = step.init({"w": jnp.zeros(())}, key=jax.random.key(0))
       >>> x = np.linspace(-1, 1, 32, dtype=np.float32)
-      >>> ts, history = fnn.fit(
-      ...     fnn.make_train_step(loss_fn, opt), ts, {"x": x, "y": 3 * x},
-      ...     batch_size=8, epochs=40, key=jax.random.key(1), progress=False)
+      >>> ts, history = fnn.fit(step, ts, {"x": x, "y": 3 * x}, batch_size=8,
+      ...                       epochs=40, key=jax.random.key(1), progress=False)
       >>> round(float(ts.params["w"]), 3), len(history), history[-1]["step"]
       (3.0, 40, 160)
     """
     if epochs is None and steps is None:
         raise ValueError("fit: pass epochs=, steps= or both.")
-    for name, v in (
-        ("batch_size", batch_size),
-        ("steps_per_call", steps_per_call),
-        ("progress_every", progress_every),
-    ):
-        _positive(name, v, allow_none=False)
+    for name, v in (("batch_size", batch_size), ("progress_every", progress_every)):
+        positive_int("fit", name, v)
     for name, v in (
         ("epochs", epochs),
         ("steps", steps),
@@ -201,7 +271,9 @@ def fit(
         ("log_every", log_every),
         ("checkpoint_every", checkpoint_every),
     ):
-        _positive(name, v)
+        positive_int("fit", name, v, optional=True)
+    choice("fit", "remainder", remainder, ("drop", "pad", "keep"))
+    boolean("fit", "shuffle", shuffle)
     if shuffle and key is None:
         raise ValueError(
             "fit: shuffle=True needs key=, the data-order key, e.g. "
@@ -209,207 +281,154 @@ def fit(
         )
     if (eval_step is None) != (eval_data is None):
         raise ValueError("fit: pass eval_step and eval_data together.")
-    if steps_per_call > 1 and remainder == "keep":
+    k = getattr(train_step, "steps_per_call", 1)
+    if k > 1 and remainder == "keep":
         raise ValueError(
-            "fit: steps_per_call > 1 stacks batches of one shape; use "
-            "remainder='drop' or 'pad', not 'keep'."
+            f"fit: a step with steps_per_call={k} stacks batches of one shape; "
+            f"use remainder='drop' or 'pad', not 'keep'."
         )
-    if history_path is not None:
-        history_format(os.fspath(history_path))
     n = leading_size(train_data, "train_data")
-    per_epoch = data.num_batches(n, batch_size, remainder)
-    if per_epoch == 0:
-        raise ValueError(
-            f"fit: {n} examples give no batch of {batch_size} with "
-            f"remainder={remainder!r}; use a smaller batch_size."
-        )
-    total = min(
-        epochs * per_epoch if epochs is not None else math.inf,
-        steps if steps is not None else math.inf,
-    )
-    log_every = log_every or per_epoch
-    # The report grid: calls never cross it, so entries and checkpoints land on
-    # exact steps. The bar refreshes at the first call ending past a multiple
-    # of progress_every instead, so it never shortens a call.
-    grid = [log_every]
-    grid += [eval_every] if eval_every and eval_step is not None else []
-    grid += [checkpoint_every] if checkpoint_every and checkpoint_dir else []
-
-    ckpt = (
-        None
-        if checkpoint_dir is None
-        else Checkpointer(checkpoint_dir, max_to_keep=max_to_keep)
-    )
+    log_every = log_every or data.num_batches(n, batch_size, remainder)
+    grid = [log_every, eval_every if eval_step is not None else None]
+    grid.append(checkpoint_every if checkpoint_dir is not None else None)
+    plan = _Plan(n, batch_size, remainder, epochs, steps, grid, k)
+    saver = None
+    if checkpoint_dir is not None:
+        saver = Saver(checkpoint_dir, max_to_keep, batch_size, n, key, train_data)
     try:
-        done, history, last_ckpt = 0, [], None
-        metrics = MetricLog()
-        if ckpt is not None and ckpt.latest_step() is not None:
-            if not resume:
-                raise ValueError(
-                    f"fit: {ckpt.directory} already holds checkpoints (latest step "
-                    f"{ckpt.latest_step()}); pass resume=True to continue from it or "
-                    f"use another checkpoint_dir."
-                )
-            train_state, meta = ckpt.restore(train_state)
-            if (meta.get("batch_size"), meta.get("examples")) != (batch_size, n):
-                raise ValueError(
-                    f"fit: the checkpoint in {ckpt.directory} was written for "
-                    f"batch_size={meta.get('batch_size')} and "
-                    f"{meta.get('examples')} examples, this run has "
-                    f"batch_size={batch_size} and {n}; it cannot resume exactly. "
-                    f"Use another checkpoint_dir."
-                )
-            done, history, last_ckpt = meta["done"], meta["history"], ckpt.latest_step()
-            if done < total:
-                # Continue as if never stopped: drop the entry the stop added
-                # and restore the metrics not yet averaged into an entry.
-                history = history[: meta["continued_history"]]
-                metrics.restore(meta["pending_metrics"])
-        base = int(train_state.step) - done  # the state's step at done = 0
-
-        def chunk(at: int) -> int:
-            """Steps in the call that starts after ``at`` steps."""
-            to_grid = min(g - at % g for g in grid)
-            return min(steps_per_call, total - at, to_grid)
-
-        def stream():
-            epoch, skip = divmod(done, per_epoch)
-            while True:
-                it = data.batches(
-                    train_data,
-                    batch_size,
-                    key=key,
-                    epoch=epoch,
-                    shuffle=shuffle,
-                    remainder=remainder,
-                )
-                yield from islice(it, skip, None)
-                epoch, skip = epoch + 1, 0
-
-        put = (lambda b: b) if jax.default_backend() == "cpu" else jax.device_put
-
-        def calls():
-            """Yields ``(k, batch)`` per call, the batch already sent to the
-            device one call ahead, so the copy overlaps the running step. On
-            CPU there is nothing to overlap and the step's own transfer is
-            cheaper than an explicit ``device_put``."""
-            batches, at, ahead = stream(), done, []
-            while at < total:
-                k = chunk(at)
-                group = list(islice(batches, k))
-                if k == steps_per_call > 1:
-                    group = [(k, jax.tree.map(lambda *xs: np.stack(xs), *group))]
-                else:
-                    group = [(1, b) for b in group]
-                for k_b, b in group:
-                    ahead.append((k_b, put(b)))
-                    if len(ahead) > 1:
-                        yield ahead.pop(0)
-                at += k
-            yield from ahead
-
-        many = _scanned(train_step) if steps_per_call > 1 else None
-        continued = len(history)  # entries an uninterrupted run also has
-        main_process = jax.process_index() == 0  # one bar and file per job
-        bar = tqdm(
-            total=total,
-            initial=done,
-            unit="step",
-            disable=not progress or not main_process,
-            dynamic_ncols=True,
-        )
-        clock = [time.perf_counter(), done]  # training time only: reset after
-        shown: dict[str, str] = {}  # reports and saves, so they do not count
-
-        def report(final: bool) -> None:
-            nonlocal continued
-            metrics.pull(last_ckpt)
-            seconds = time.perf_counter() - clock[0]
-            eval_grid = bool(eval_every) and done % eval_every == 0
-            on_grid = done % log_every == 0 or (eval_step is not None and eval_grid)
-            eval_due = eval_step is not None and (final or eval_grid)
-            if final or on_grid:
-                entry = {"step": base + done, "epoch": round(done / per_epoch, 6)}
-                entry.update(metrics.means())
-                if eval_due:
-                    eval_batches = data.batches(
-                        eval_data,
-                        eval_batch_size or batch_size,
-                        shuffle=False,
-                        remainder="keep",
-                    )
-                    results = evaluate(eval_step, train_state, eval_batches)
-                    results.pop("weight", None)
-                    entry.update({f"eval_{k}": v for k, v in results.items()})
-                history.append(entry)
-                if on_grid:
-                    metrics.reset()
-                    continued = len(history)
-                if history_path is not None and main_process:
-                    write_history(history, history_path)
-                shown.update(
-                    {k: f"{v:.4f}" for k, v in entry.items() if k.startswith("eval_")}
-                )
-                if "loss" in entry:
-                    shown["loss"] = f"{entry['loss']:.4f}"
-            elif metrics.host:
-                shown["loss"] = f"{metrics.means().get('loss', math.nan):.4f}"
-            if seconds > 0 and done > clock[1]:
-                shown["ex/s"] = f"{(done - clock[1]) * batch_size / seconds:,.0f}"
-            order = sorted(shown, key=lambda k: (k != "loss", k == "ex/s", k))
-            bar.set_postfix({k: shown[k] for k in order}, refresh=False)
-
-        def save() -> None:
-            nonlocal last_ckpt
-            metrics.pull(last_ckpt)
-            if not bool(_all_finite(train_state)):
-                last = "none" if last_ckpt is None else f"step {last_ckpt}"
-                raise non_finite_error(
-                    f"fit: the params became NaN or infinite at step {base + done} "
-                    f"(the loss was finite); training stopped and the state was not "
-                    f"saved. The last checkpoint: {last}.",
-                    base + done,
-                    None,
-                    last_ckpt,
-                )
-            meta = {
-                "done": done,
-                "epoch": done // per_epoch,
-                "batch": done % per_epoch,
-                "batch_size": batch_size,
-                "examples": n,
-                "history": history,
-                "continued_history": continued,
-                "pending_metrics": metrics.saved(),
-            }
-            ckpt.save(base + done, train_state, metadata=meta)
-            last_ckpt = base + done
-
-        with bar:
-            for k, batch in calls():
-                if k > 1:
-                    train_state, m = many(train_state, batch)
-                else:
-                    train_state, m = train_step(train_state, batch)
-                metrics.add(base + done + 1, m)
-                done += k
-                bar.update(k)
-                final = done >= total
-                reported = (
-                    final
-                    or any(done % g == 0 for g in grid)
-                    or done // progress_every != (done - k) // progress_every
-                )
-                if reported:
-                    report(final)
-                if ckpt is not None and (
-                    final
-                    or (checkpoint_every is not None and done % checkpoint_every == 0)
-                ):
-                    save()
-                if reported:
-                    clock[:] = [time.perf_counter(), done]
-        return train_state, history
+        return _loop(
+            train_step, train_state, train_data, plan, saver, callbacks,
+            batch_size=batch_size, key=key, shuffle=shuffle, remainder=remainder,
+            eval_step=eval_step, eval_data=eval_data, eval_every=eval_every,
+            eval_batch_size=eval_batch_size or batch_size, log_every=log_every,
+            checkpoint_every=checkpoint_every, resume=resume,
+            history_path=history_path, progress=progress,
+            progress_every=progress_every,
+        )  # fmt: skip
     finally:
-        if ckpt is not None:
-            ckpt.close()
+        if saver is not None:
+            saver.close()
+
+
+def _eval_batches(eval_data: Any, size: int) -> Iterator:
+    return data.batches(eval_data, size, shuffle=False, remainder="pad")
+
+
+def _loop(train_step, ts, train_data, plan, saver, callbacks, **o) -> tuple:
+    """The loop itself: calls, report points, evaluations, checkpoints."""
+    run, done = Run(), 0
+    eval_sample = None
+    if o["eval_step"] is not None:
+        eval_sample = next(_eval_batches(o["eval_data"], o["eval_batch_size"]))
+    lr = _learning_rate(ts.opt_state) if hasattr(ts, "opt_state") else None
+    pending: list = []
+    if saver is not None:
+        ts, done, run.history, pending = saver.resume(
+            ts, o["resume"], callbacks, plan.total
+        )
+    history_file = None
+    if o["history_path"] is not None:
+        history_file = HistoryFile(
+            o["history_path"],
+            keep=len(run.history),
+            extra_columns=_eval_columns(o["eval_step"], ts, eval_sample),
+        )
+    reporter = _Reporter(plan.total, done, o["batch_size"], o["progress"], history_file)
+    reporter.log.restore(pending)
+    run.step = int(ts.step) if hasattr(ts, "step") else done
+    base = run.step - done  # the state's step when done == 0
+    single = getattr(train_step, "single", train_step)
+    mesh = getattr(train_step, "mesh", None)
+    put = getattr(train_step, "shard", None) if mesh is not None else None
+    if put is None:
+        put = (lambda b: b) if jax.default_backend() == "cpu" else jax.device_put
+    stream = data.stream(
+        train_data, o["batch_size"], key=o["key"], shuffle=o["shuffle"],
+        remainder=o["remainder"], start=done,
+    )  # fmt: skip
+    last_ckpt = saver.last_step if saver is not None else None
+    continued = len(run.history)  # entries an uninterrupted run also has
+    with reporter.bar:
+        for k, batch in _calls(plan, stream, done, put):
+            ts, metrics = (train_step if k > 1 else single)(ts, batch)
+            reporter.log.add(base + done + 1, metrics)
+            done += k
+            run.step, run.epoch = base + done, done / plan.per_epoch
+            run.train_state, run.metrics = ts, metrics
+            reporter.bar.update(k)
+            for cb in callbacks:
+                if hasattr(cb, "after_step"):
+                    cb.after_step(run)
+            final = done >= plan.total or run.stopped is not None
+            eval_grid = o["eval_step"] is not None and plan.due(o["eval_every"], done)
+            on_grid = plan.due(o["log_every"], done) or eval_grid
+            eval_due = o["eval_step"] is not None and (eval_grid or final)
+            save_due = saver is not None and (
+                plan.due(o["checkpoint_every"], done) or final
+            )
+            crossed = done // o["progress_every"] != (done - k) // o["progress_every"]
+            if not (on_grid or final or save_due or crossed):
+                continue
+            reporter.log.pull(last_ckpt)
+            if on_grid or final:
+                entry = reporter.entry(run, done, plan.per_epoch, _lr(ts, lr))
+                if eval_due:
+                    results = evaluate(
+                        o["eval_step"], ts,
+                        _eval_batches(o["eval_data"], o["eval_batch_size"]),
+                    )  # fmt: skip
+                    results.pop("weight", None)
+                    results = {f"eval_{name}": v for name, v in results.items()}
+                    entry.update(results)
+                    for cb in callbacks:
+                        if hasattr(cb, "after_eval"):
+                            cb.after_eval(run, results)
+                    final = final or run.stopped is not None
+                    save_due = save_due or (saver is not None and final)
+                reporter.record(run, entry)
+                if on_grid:  # an uninterrupted run has this entry too
+                    reporter.log.reset()
+                    continued = len(run.history)
+            if save_due:
+                _check_params(ts, run.step, last_ckpt)
+                saver.save(
+                    run.step, ts, done, run.history, continued, reporter.log,
+                    callbacks,
+                )  # fmt: skip
+                last_ckpt = run.step
+                for cb in callbacks:
+                    if hasattr(cb, "after_checkpoint"):
+                        cb.after_checkpoint(run, run.step)
+            reporter.refresh(done)
+            reporter.restart_clock(done)
+            if final:
+                break
+    return ts, run.history
+
+
+def _lr(ts: Any, template: Any) -> Any:
+    return None if template is None else _learning_rate(ts.opt_state)
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [
+        jax.numpy.all(jax.numpy.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)
+    ]
+    return jax.numpy.all(jax.numpy.stack(leaves)) if leaves else jax.numpy.bool_(True)
+
+
+def _check_params(ts: Any, step: int, last_ckpt: int | None) -> None:
+    """Refuses to save a state whose params or optimizer state are not finite."""
+    if not bool(_all_finite(ts)):
+        last = "none" if last_ckpt is None else f"step {last_ckpt}"
+        raise NonFiniteLossError(
+            f"fit: the params became NaN or infinite at step {step} (the loss was "
+            f"finite); training stopped and the state was not saved. The last "
+            f"checkpoint: {last}.",
+            step,
+            None,
+            last_ckpt,
+        )

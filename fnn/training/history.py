@@ -1,23 +1,26 @@
 """Training history: per-step metrics kept on the device, averaged into entries.
 
-:func:`fit` records a history, a list of dicts of numbers (one per report
-point), and can write it as JSON or CSV with :func:`write_history`. Between
-report points the per-step metrics stay on the device; :class:`MetricLog`
-pulls them in one transfer, checks each step's loss and averages them.
+:func:`fnn.fit` records a history, a list of dicts of numbers (one per report
+point). Between report points the per-step metrics stay on the device;
+:class:`MetricLog` pulls them in one transfer, checks each step's loss and
+averages them. :class:`HistoryFile` appends each entry as one line (JSON Lines
+or CSV), so writing a history costs the same at the first entry as at the
+millionth.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 
-__all__ = ["MetricLog", "NonFiniteLossError", "write_history"]
-
 History = list[dict[str, float]]
+FORMATS = (".jsonl", ".csv")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -36,70 +39,118 @@ class NonFiniteLossError(FloatingPointError):
       True
     """
 
-    step: int
-    loss: float | None
-    last_checkpoint: int | None
+    def __init__(
+        self, message: str, step: int, loss: float | None, last_checkpoint: int | None
+    ):
+        super().__init__(message)
+        self.step, self.loss, self.last_checkpoint = step, loss, last_checkpoint
 
 
-def non_finite_error(
-    message: str, step: int, loss: float | None, last: int | None
-) -> NonFiniteLossError:
-    """A :class:`NonFiniteLossError` with its attributes set."""
-    err = NonFiniteLossError(message)
-    err.step, err.loss, err.last_checkpoint = step, loss, last
-    return err
+NonFiniteLossError.__module__ = "fnn"
 
 
-def write_history(history: History, path: str | os.PathLike) -> None:
-    """Writes a history to ``path``: JSON for ``.json``, CSV for ``.csv``.
+def history_format(owner: str, path: str | os.PathLike) -> str:
+    """The extension of a history file, ``.jsonl`` or ``.csv``; else an error."""
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    if ext not in FORMATS:
+        raise ValueError(
+            f"{owner}: history_path must end in .jsonl (JSON Lines) or .csv, one "
+            f"line per entry, got {os.fspath(path)!r}."
+        )
+    return ext
 
-    The file is written to ``path + ".tmp"`` and renamed, so it is always
-    complete. A CSV has one column per key, in order of first appearance, and
-    an empty cell where an entry lacks the key (e.g. eval metrics).
 
-    Args:
-      history: a list of dicts of numbers, as :func:`fit` returns.
-      path: the file to write.
+class HistoryFile:
+    """A history file that grows by one line per entry.
 
-    Raises:
-      ValueError: for an extension other than ``.json`` or ``.csv``.
+    JSON Lines (``.jsonl``) holds one JSON object per line. CSV (``.csv``) has
+    a header, written with the first entry: that entry's keys, then
+    ``extra_columns`` it lacks (the evaluation metrics, when the first entry
+    has none); a later entry leaves an empty cell where it lacks a column.
+    Opening a file keeps its first ``keep`` entries and drops the rest (a
+    resumed run continues from the entries its checkpoint had).
 
     Examples:
-      >>> import os, tempfile, fnn
+      >>> import os, tempfile
+      >>> from fnn.training.history import HistoryFile
       >>> path = os.path.join(tempfile.mkdtemp(), "h.csv")
-      >>> fnn.write_history([{"step": 1, "loss": 0.5}, {"step": 2}], path)
-      >>> with open(path) as f:
-      ...     print(f.read().strip())
-      step,loss
-      1,0.5
-      2,
+      >>> f = HistoryFile(path, keep=0, extra_columns=["eval_loss"])
+      >>> f.append({"step": 1, "loss": 0.5})
+      >>> f.append({"step": 2, "loss": 0.25, "eval_loss": 0.3})
+      >>> with open(path) as file:
+      ...     print(file.read().strip())
+      step,loss,eval_loss
+      1,0.5,
+      2,0.25,0.3
+      >>> HistoryFile(path, keep=1).read()
+      [{'step': 1, 'loss': 0.5}]
     """
-    path = os.fspath(path)
-    ext = history_format(path)
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        if ext == ".json":
-            json.dump(history, f, indent=1)
-        else:
-            columns = list(dict.fromkeys(k for entry in history for k in entry))
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(history)
-    os.replace(tmp, path)
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        keep: int,
+        extra_columns: Sequence[str] = (),
+    ):
+        self.path = os.fspath(path)
+        self.ext = history_format("fit", self.path)
+        self.extra = list(extra_columns)
+        self.columns: list[str] | None = None
+        entries: History = []
+        if os.path.exists(self.path):
+            entries = self.read()[:keep]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            if self.ext == ".csv" and self.columns is not None:
+                f.write(",".join(self.columns) + "\n")
+            for entry in entries:
+                f.write(self._line(entry))
+        os.replace(tmp, self.path)
+
+    def _line(self, entry: dict) -> str:
+        if self.ext == ".jsonl":
+            return json.dumps(entry) + "\n"
+        header = ""
+        if self.columns is None:
+            self.columns = list(entry) + [c for c in self.extra if c not in entry]
+            header = ",".join(self.columns) + "\n"
+        unknown = set(entry) - set(self.columns)
+        if unknown:
+            raise ValueError(
+                f"fit: the CSV history {self.path} has the columns {self.columns!r}, "
+                f"not {sorted(unknown)!r}; use a .jsonl history for entries whose "
+                f"keys change."
+            )
+        out = io.StringIO()
+        csv.DictWriter(out, self.columns, lineterminator="\n").writerow(entry)
+        return header + out.getvalue()
+
+    def append(self, entry: dict) -> None:
+        with open(self.path, "a", newline="") as f:
+            f.write(self._line(entry))
+
+    def read(self) -> History:
+        """The entries in the file (numbers as floats or ints)."""
+        with open(self.path, newline="") as f:
+            if self.ext == ".jsonl":
+                return [json.loads(line) for line in f if line.strip()]
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            self.columns = list(reader.fieldnames) if reader.fieldnames else None
+        return [{k: _number(v) for k, v in row.items() if v != ""} for row in rows]
 
 
-def history_format(path: str) -> str:
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in (".json", ".csv"):
-        raise ValueError(f"fit: history_path must end in .json or .csv, got {path!r}.")
-    return ext
+def _number(text: str) -> float | int:
+    value = float(text)
+    return int(value) if value.is_integer() and "." not in text else value
 
 
 class MetricLog:
     """Per-step metrics kept on the device until they are needed on the host.
 
     Examples:
-      >>> import jax.numpy as jnp, fnn
+      >>> import jax.numpy as jnp
       >>> from fnn.training.history import MetricLog
       >>> log = MetricLog()
       >>> log.add(1, {"loss": jnp.array(1.0), "weight": jnp.array(3.0)})
@@ -132,7 +183,7 @@ class MetricLog:
                     else f"The last checkpoint (step {last_checkpoint}) holds the "
                     f"last state saved before it"
                 )
-                raise non_finite_error(
+                raise NonFiniteLossError(
                     f"fit: the loss became {loss} at step {step}; training stopped. "
                     f"{saved}; lower the learning rate, clip gradients "
                     f"(optax.clip_by_global_norm) or check the data.",

@@ -286,7 +286,7 @@ def one_hot(labels: ArrayLike, num_classes: int, *, dtype=jnp.float32) -> jax.Ar
 
     Examples:
       >>> import jax.numpy as jnp, fnn
-      >>> fnn.one_hot(jnp.array([0, 2]), 3)
+      >>> fnn.losses.one_hot(jnp.array([0, 2]), 3)
       Array([[1., 0., 0.],
              [0., 0., 1.]], dtype=float32)
     """
@@ -298,7 +298,7 @@ def argmax(logits: ArrayLike, axis: int = -1) -> jax.Array:
 
     Examples:
       >>> import jax.numpy as jnp, fnn
-      >>> fnn.argmax(jnp.array([[0.1, 0.7, 0.2]]))
+      >>> fnn.losses.argmax(jnp.array([[0.1, 0.7, 0.2]]))
       Array([1], dtype=int32)
     """
     return jnp.argmax(logits, axis=axis).astype(jnp.int32)
@@ -313,9 +313,9 @@ def predict(logits: ArrayLike) -> jax.Array:
 
     Examples:
       >>> import jax.numpy as jnp, fnn
-      >>> fnn.predict(jnp.array([[0.1, 0.7, 0.2]]))
+      >>> fnn.losses.predict(jnp.array([[0.1, 0.7, 0.2]]))
       Array([1], dtype=int32)
-      >>> fnn.predict(jnp.array([[-2.0], [3.0]]))
+      >>> fnn.losses.predict(jnp.array([[-2.0], [3.0]]))
       Array([0, 1], dtype=int32)
     """
     logits = jnp.asarray(logits)
@@ -335,7 +335,7 @@ def correct(logits: ArrayLike, labels: ArrayLike) -> jax.Array:
 
     Examples:
       >>> import jax.numpy as jnp, fnn
-      >>> fnn.correct(jnp.array([[0.1, 0.7], [0.9, 0.2]]), jnp.array([1, 1]))
+      >>> fnn.losses.correct(jnp.array([[0.1, 0.7], [0.9, 0.2]]), jnp.array([1, 1]))
       Array([1., 0.], dtype=float32)
     """
     logits, labels = jnp.asarray(logits), jnp.asarray(labels)
@@ -364,9 +364,9 @@ def accuracy(
     Examples:
       >>> import jax.numpy as jnp, fnn
       >>> logits = jnp.array([[0.1, 0.7], [0.9, 0.2], [0.0, 1.0]])
-      >>> fnn.accuracy(logits, jnp.array([1, 1, 1]))
+      >>> fnn.losses.accuracy(logits, jnp.array([1, 1, 1]))
       Array(0.6666667, dtype=float32)
-      >>> fnn.accuracy(logits, jnp.array([1, 1, 1]), mask=jnp.array([1, 0, 1]))
+      >>> fnn.losses.accuracy(logits, jnp.array([1, 1, 1]), mask=jnp.array([1, 0, 1]))
       Array(1., dtype=float32)
     """
     return mean(correct(logits, labels), mask)

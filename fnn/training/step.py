@@ -1,4 +1,4 @@
-"""The training step: a train state, gradient accumulation by ``lax.scan``, eval.
+"""The training step: ``make_train_step`` and the state it updates.
 
 A loss function returns a *sum* and a *weight* (the number of valid examples or
 tokens), optionally with a dict of summed metrics::
@@ -9,72 +9,40 @@ tokens), optionally with a dict of summed metrics::
 
 The step adds gradient sums and weights over microbatches in one ``lax.scan``
 and divides once at the end, so masked and uneven microbatches give exactly the
-gradient of the whole batch (a mean of per-microbatch means does not).
+gradient of the whole batch (a mean of per-microbatch means does not). The
+optimizer is given once: ``step.init(params, key=...)`` makes the state that
+``step`` updates, in optax's ``init``/``update`` style.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from fnn.model.options import boolean, positive_int
+from fnn.training import sharding
 from fnn.training.accumulate import (
     GradSums,
     LossFn,
     accumulate_gradients,
+    check_aux_names,
     leading_size,
     safe_divide,
 )
-from fnn.training.compiling import jit_step
-from fnn.training.train_state import (
-    PACK_MAX_SIZE,
-    TrainState,
-    TrainStateFields,
-    scan_train_state,
-)
-
-__all__ = [
-    "GradSums",
-    "Metrics",
-    "TrainState",
-    "TrainStateFields",
-    "accumulate_gradients",
-    "apply_gradients",
-    "leading_size",
-    "make_train_step",
-    "metrics_from_sums",
-    "safe_divide",
-    "scan_steps",
-    "step_key",
-]
+from fnn.training.train_state import TrainState
 
 Metrics = dict[str, jax.Array]
 
 
-def check_step_counts(owner: str, accum_steps: Any, steps_per_call: Any) -> None:
-    """Raises ``ValueError`` naming ``owner`` unless both are positive ints."""
-    for name, v in (("accum_steps", accum_steps), ("steps_per_call", steps_per_call)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{owner}: {name} must be a positive int, got {v!r}.")
-
-
-def check_aux_names(aux: dict) -> None:
-    """Raises ``ValueError`` when ``aux`` uses a name the metrics reserve."""
-    reserved = {"loss", "weight", "grad_norm"} & set(aux)
-    if reserved:
-        raise ValueError(f"loss_fn's aux may not use the names {sorted(reserved)!r}.")
-
-
 def global_norm(tree: Any) -> jax.Array:
-    """The 2-norm of all of ``tree``'s leaves, as ``optax.tree.norm``.
-
-    Leaves with at most :data:`fnn.train_state.PACK_MAX_SIZE` elements are
-    concatenated (per dtype) and reduced as one array: one reduction kernel
-    instead of one per leaf, which on the 64-32-32-10 MLP halved what the
-    ``grad_norm`` metric adds to a step (``benchmarks/overhead.py``).
+    """The 2-norm of all of ``tree``'s leaves (``optax.tree.norm``).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -82,58 +50,20 @@ def global_norm(tree: Any) -> jax.Array:
       >>> float(global_norm({"a": jnp.array([3.0]), "b": jnp.array([[4.0]])}))
       5.0
     """
-    small: dict[Any, list[jax.Array]] = {}
-    squares = []
-    for x in jax.tree.leaves(tree):
-        if x.size <= PACK_MAX_SIZE:
-            small.setdefault(x.dtype, []).append(jnp.ravel(x))
-        else:
-            squares.append(jnp.sum(jnp.square(x)))
-    for parts in small.values():
-        squares.append(jnp.sum(jnp.square(jnp.concatenate(parts))))
-    return jnp.sqrt(sum(squares, jnp.zeros((), jnp.float32)))
+    return optax.tree.norm(tree)
 
 
 def metrics_from_sums(sums: GradSums, *, grad_norm: bool = True) -> Metrics:
-    """The step's metrics from the (cross-device) sums.
-
-    Returns ``{"loss", "weight", **aux, "grad_norm"}``: sums divided by the
-    weight (0 for a zero weight), the weight itself, and, unless ``grad_norm``
-    is False, the norm of the gradient ``grad_sum / weight``.
-
-    Examples:
-      >>> import jax.numpy as jnp, fnn
-      >>> from fnn.training.step import metrics_from_sums
-      >>> sums = fnn.GradSums({"w": jnp.array(6.0)}, jnp.array(3.0), {},
-      ...                     jnp.array(9.0), {})
-      >>> sorted(metrics_from_sums(sums)), float(metrics_from_sums(sums)["grad_norm"])
-      (['grad_norm', 'loss', 'weight'], 2.0)
-      >>> sorted(metrics_from_sums(sums, grad_norm=False))
-      ['loss', 'weight']
-    """
+    """``{"loss", "weight", **aux, "grad_norm"}`` from the (cross-device) sums:
+    sums divided by the weight (0 for a zero weight), the weight itself and,
+    unless ``grad_norm`` is False, the norm of the gradient ``grad_sum /
+    weight``."""
     w = sums.weight
     aux = {k: safe_divide(v, w) for k, v in sums.aux_sum.items()}
-    check_aux_names(aux)
     metrics = {"loss": safe_divide(sums.loss_sum, w), "weight": w, **aux}
     if grad_norm:
         metrics["grad_norm"] = safe_divide(global_norm(sums.grad_sum), w)
     return metrics
-
-
-def step_key(ts: TrainState) -> jax.Array:
-    """The key of step ``ts.step``: ``jax.random.fold_in(ts.key, ts.step)``.
-
-    The train state's key stays fixed and each step derives its own, so a
-    model that draws no random numbers pays nothing for keys (XLA drops the
-    unused ``fold_in``), and a resumed run draws what the uninterrupted one did.
-
-    Examples:
-      >>> import jax, jax.numpy as jnp, optax, fnn
-      >>> ts = fnn.TrainState.create({}, optax.sgd(0.1), key=jax.random.key(0))
-      >>> fnn.step_key(ts).shape
-      ()
-    """
-    return jax.random.fold_in(ts.key, ts.step)
 
 
 def apply_gradients(
@@ -146,32 +76,9 @@ def apply_gradients(
     """Divides the gradient sums by the weight once and takes an optimizer step.
 
     A step whose total weight is 0 (an all-padding batch) has a zero gradient,
-    never NaN: the optimizer takes its step with that zero gradient, as it
-    would for any zero gradient (plain SGD leaves params as they were; Adam's
-    moments decay). A branch that skipped the update would cost every step:
-    on a small model, ``lax.cond`` made the step 2.6 times slower. The divided
-    gradient is cast to the params' dtype, so the optimizer state keeps its
-    dtypes.
-
-    Args:
-      optimizer: any optax ``GradientTransformation``.
-      ts: the train state before the step.
-      sums: from :func:`fnn.accumulate_gradients` (summed over devices, if any).
-      grad_norm: include the ``grad_norm`` metric (see :func:`make_train_step`).
-
-    Returns:
-      ``(new train state, metrics)``, the metrics as in :func:`make_train_step`.
-
-    Examples:
-      >>> import jax, jax.numpy as jnp, optax, fnn
-      >>> opt = optax.sgd(1.0)
-      >>> ts = fnn.TrainState.create({"w": jnp.array(1.0)}, opt,
-      ...                            key=jax.random.key(0))
-      >>> sums = fnn.GradSums({"w": jnp.array(6.0)}, jnp.array(3.0), {},
-      ...                     jnp.array(9.0), {})
-      >>> ts, metrics = fnn.apply_gradients(opt, ts, sums)
-      >>> float(ts.params["w"]), float(metrics["loss"])  # 1 - 6 / 3, 9 / 3
-      (-1.0, 3.0)
+    never NaN; the optimizer takes its step with it (plain SGD leaves params
+    as they were; Adam's moments decay). The divided gradient is cast to the
+    params' dtype, so the optimizer state keeps its dtypes.
     """
     grads = jax.tree.map(
         lambda g, p: safe_divide(g, sums.weight).astype(p.dtype),
@@ -180,38 +87,197 @@ def apply_gradients(
     )
     updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
     params = optax.apply_updates(ts.params, updates)
-    new_ts = ts.replace(
+    new_ts = ts._replace(
         step=ts.step + 1, params=params, opt_state=opt_state, state=sums.state
     )
     return new_ts, metrics_from_sums(sums, grad_norm=grad_norm)
 
 
-def scan_steps(
-    one_step: Callable[[TrainState, Any], tuple[TrainState, Metrics]],
-    steps_per_call: int,
-    owner: str,
-) -> Callable[[TrainState, Any], tuple[TrainState, Metrics]]:
-    """``one_step`` itself, or ``steps_per_call`` of it in one ``lax.scan``.
+def _check_loss_arity(loss_fn: LossFn, has_state: bool) -> None:
+    """Refuses a loss function whose arguments contradict ``has_state``."""
+    try:
+        sig = inspect.signature(loss_fn)
+    except (TypeError, ValueError):
+        return
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    params = [p for p in sig.parameters.values() if p.kind in kinds]
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in sig.parameters.values()):
+        return
+    required = [p for p in params if p.default is inspect.Parameter.empty]
+    want = 4 if has_state else 3
+    if len(required) <= want <= len(params):
+        return
+    names = ", ".join(p.name for p in params)
+    if has_state:
+        fix = (
+            "with has_state=True it is called as loss_fn(params, state, batch, key) "
+            "and returns (out, new_state); pass has_state=False for a stateless model"
+        )
+    else:
+        fix = (
+            "it is called as loss_fn(params, batch, key); for a model with running "
+            "state (BatchNorm) write loss_fn(params, state, batch, key) returning "
+            "(out, new_state) and pass has_state=True"
+        )
+    raise TypeError(f"make_train_step: loss_fn takes ({names}), but {fix}.")
 
-    The scanned step takes batches stacked on a leading axis of size
-    ``steps_per_call`` (:func:`fnn.data.stack`) and returns metrics with that
-    leading axis.
+
+def _check_train_state(ts: Any, optimizer: optax.GradientTransformation) -> None:
+    """Trace-time check that ``ts`` is a train state made for ``optimizer``."""
+    if not isinstance(ts, TrainState):
+        raise TypeError(
+            f"train step: expected a fnn.TrainState from step.init(params, "
+            f"key=...), got {type(ts).__name__}."
+        )
+    want = jax.eval_shape(optimizer.init, ts.params)
+    got_paths = jax.tree_util.tree_flatten_with_path(ts.opt_state)[0]
+    want_paths = jax.tree_util.tree_flatten_with_path(want)[0]
+    problem = None
+    if jax.tree.structure(ts.opt_state) != jax.tree.structure(want):
+        problem = (
+            f"its structure is {jax.tree.structure(ts.opt_state)}, the optimizer's "
+            f"is {jax.tree.structure(want)}"
+        )
+    else:
+        for (path, g), (_, w) in zip(got_paths, want_paths):
+            if jnp.shape(g) != w.shape:
+                problem = (
+                    f"opt_state{jax.tree_util.keystr(path)} has shape "
+                    f"{jnp.shape(g)!r}, the optimizer makes {w.shape!r}"
+                )
+                break
+    if problem is not None:
+        raise ValueError(
+            f"train step: the train state's opt_state was not made by this step's "
+            f"optimizer for these params ({problem}); make the state with "
+            f"step.init(params, key=...) of the step that updates it."
+        )
+
+
+class TrainStep:
+    """A training step and the ``init`` of the state it updates.
+
+    Made by :func:`make_train_step`. Call it as ``step(train_state, batch) ->
+    (train_state, metrics)``; make the first train state with :meth:`init`.
+
+    Attributes:
+      optimizer: the optax ``GradientTransformation`` it applies.
+      accum_steps: microbatches per optimizer step.
+      steps_per_call: optimizer steps per call (over stacked batches).
+      mesh: the ``jax.sharding.Mesh`` it runs on, or ``None``.
+      single: the same step with ``steps_per_call=1`` (itself when it is one);
+        :func:`fnn.fit` uses it to land exactly on report points.
     """
-    if steps_per_call == 1:
-        return one_step
 
-    def many_steps(ts: TrainState, batches: Any) -> tuple[TrainState, Metrics]:
+    def __init__(self, one_step: Callable, options: dict[str, Any]):
+        self._one_step = one_step
+        self._options = options
+        self.optimizer = options["optimizer"]
+        self.accum_steps = options["accum_steps"]
+        self.steps_per_call = options["steps_per_call"]
+        self.mesh = options["mesh"]
+        self._axis = options["data_axis"]
+        fn = one_step if self.steps_per_call == 1 else self._many
+        if options["jit"]:
+            kwargs = dict(options["jit_kwargs"] or {})
+            if self.mesh is not None:
+                replicated = NamedSharding(self.mesh, P())
+                kwargs.setdefault("out_shardings", (replicated, replicated))
+            fn = jax.jit(fn, donate_argnums=0 if options["donate"] else (), **kwargs)
+        self._fn = fn
+        self._single: TrainStep | None = None
+
+    def _many(self, ts: TrainState, batches: Any) -> tuple[TrainState, Metrics]:
         k = leading_size(batches, "stacked batch")
-        if k != steps_per_call:
+        if k != self.steps_per_call:
             raise ValueError(
-                f"{owner}: steps_per_call={steps_per_call} needs batch leaves "
-                f"with a leading axis of {steps_per_call} (stacked batches, see "
-                f"fnn.data.stack), got {k}."
+                f"train step: steps_per_call={self.steps_per_call} needs batch "
+                f"leaves with a leading axis of {self.steps_per_call} (stacked "
+                f"batches, see fnn.data.stack), got {k}."
             )
+        return jax.lax.scan(self._one_step, ts, batches)
 
-        return scan_train_state(one_step, ts, batches)
+    @property
+    def single(self) -> TrainStep:
+        if self.steps_per_call == 1:
+            return self
+        if self._single is None:
+            self._single = TrainStep(
+                self._one_step, {**self._options, "steps_per_call": 1}
+            )
+        return self._single
 
-    return many_steps
+    def init(self, params: Any, *, key: jax.Array, state: Any = None) -> TrainState:
+        """The train state at step 0 for ``params``: this step's optimizer state.
+
+        Args:
+          params: the model's params. They are copied (onto the mesh, if the
+            step has one), so a donating step never frees the caller's arrays.
+          key: a ``jax.random.key`` (a raw ``jax.random.PRNGKey`` is wrapped).
+          state: the model's running state (from ``fnn.with_state``), or
+            ``None`` for ``{}``.
+
+        Returns:
+          A :class:`fnn.TrainState`.
+
+        Examples:
+          >>> import jax, jax.numpy as jnp, optax, fnn
+          >>> def loss_fn(params, batch, key):
+          ...     return jnp.sum(batch["x"] * params["w"]), batch["x"].shape[0]
+          >>> step = fnn.make_train_step(loss_fn, optax.sgd(0.1))
+          >>> ts = step.init({"w": jnp.ones(2)}, key=jax.random.key(0))
+          >>> ts.step, ts.opt_state
+          (Array(0, dtype=int32), (EmptyState(), EmptyState()))
+        """
+        dtype = getattr(key, "dtype", None)
+        if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+            key = jnp.copy(key)
+        elif dtype == jnp.uint32 and jnp.shape(key) == (2,):
+            key = jax.random.wrap_key_data(jnp.array(key))
+        else:
+            raise TypeError(
+                f"step.init: expected key to be a jax.random.key, e.g. "
+                f"jax.random.key(0), got {key!r}."
+            )
+        params = jax.tree.map(jnp.array, params)
+        ts = TrainState(
+            jnp.zeros((), jnp.int32),
+            params,
+            self.optimizer.init(params),
+            {} if state is None else jax.tree.map(jnp.array, state),
+            key,
+        )
+        if self.mesh is not None:
+            ts = sharding.place(ts, NamedSharding(self.mesh, P()))
+        return ts
+
+    def shard(self, batch: Any) -> Any:
+        """``batch`` split over the step's mesh (itself without a mesh).
+
+        With many processes each process passes its own rows of the global
+        batch. A stacked batch (``steps_per_call > 1``) is split along axis 1.
+        """
+        if self.mesh is None:
+            return batch
+        return sharding.shard_batch(
+            "train step", batch, self.mesh, self._axis, stacked=self.steps_per_call > 1
+        )
+
+    def __call__(self, ts: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        if self.mesh is not None:
+            batch = self.shard(batch)
+        return self._fn(ts, batch)
+
+    def lower(self, ts: TrainState, batch: Any) -> Any:
+        """``jax.jit(step).lower(ts, batch)``, for inspecting the compiled step."""
+        if self.mesh is not None:
+            batch = self.shard(batch)
+        return self._fn.lower(ts, batch)
+
+    def __repr__(self) -> str:
+        opts = {k: self._options[k] for k in ("accum_steps", "steps_per_call")}
+        mesh = "" if self.mesh is None else f", mesh={dict(self.mesh.shape)}"
+        return f"TrainStep({', '.join(f'{k}={v}' for k, v in opts.items())}{mesh})"
 
 
 def make_train_step(
@@ -221,96 +287,160 @@ def make_train_step(
     accum_steps: int = 1,
     has_state: bool = False,
     steps_per_call: int = 1,
+    mesh: Any = None,
+    data_axis: str | None = None,
+    grad_norm: bool = True,
     donate: bool = True,
     jit: bool = True,
-    mesh: Any = None,
-    grad_norm: bool = True,
-) -> Callable[[TrainState, Any], tuple[TrainState, Metrics]]:
-    """Builds ``step(train_state, batch) -> (train_state, metrics)``.
+    jit_kwargs: dict[str, Any] | None = None,
+) -> TrainStep:
+    """Builds ``step(train_state, batch) -> (train_state, metrics)`` and its ``init``.
 
-    The step draws its key with :func:`step_key`, sums the gradient of ``loss_fn`` over
-    ``accum_steps`` strided microbatches with :func:`accumulate_gradients`
-    (one ``lax.scan``), divides by the total weight once and applies
-    ``optimizer``. Model state is carried through the scan: BatchNorm
-    statistics are updated once per microbatch.
+    Each call draws the step's key, ``jax.random.fold_in(train_state.key,
+    train_state.step)``; sums the gradient of ``loss_fn`` over
+    ``accum_steps`` strided microbatches in one ``lax.scan`` (microbatch
+    ``j`` holds rows ``j, j + k, j + 2k, ...`` and gets ``fold_in(key, j)``);
+    divides by the total weight once; and applies ``optimizer``. Model state
+    (BatchNorm statistics) is carried through the scan.
 
     Args:
       loss_fn: ``loss_fn(params, batch, key) -> (loss_sum, weight)`` or
-        ``(loss_sum, weight, aux)`` with ``aux`` a dict of summed metrics; with
+        ``(loss_sum, weight, aux)`` with ``aux`` a dict of scalar sums; with
         ``has_state``, ``loss_fn(params, state, batch, key) -> (out,
         new_state)``.
-      optimizer: any optax ``GradientTransformation``.
-      accum_steps: microbatches per step; the batch size must be a multiple.
+      optimizer: any optax ``GradientTransformation``. It is given only here:
+        ``step.init(params, key=...)`` makes its state.
+      accum_steps: microbatches per step; the batch size must be a multiple
+        (of ``accum_steps`` times the mesh's data-axis size with a mesh).
       has_state: whether the model has running state (see above).
       steps_per_call: ``K`` optimizer steps per call, by a ``lax.scan`` over a
-        batch whose leaves have a leading axis ``K`` (see
-        :func:`fnn.data.stack`); metrics then have a leading axis ``K``.
-      donate: donate the train state's buffers (``donate_argnums=0``): the
-        train state passed in must not be used again.
-      jit: compile the step; ``False`` returns the plain function.
-      mesh: a ``jax.sharding.Mesh`` from :func:`fnn.data_mesh` for data
-        parallel training; the step is then
-        :func:`fnn.make_parallel_train_step`'s (same arguments).
-      grad_norm: compute the ``grad_norm`` metric. It is one more reduction
-        over the gradients and one more output per step: on a tiny MLP
-        (64-32-32-10, batch 32, Adam) ``grad_norm=False`` made the step about
-        10% faster (benchmarks/overhead.py); on larger steps it is lost in
-        the noise.
+        batch whose leaves have a leading axis ``K`` (:func:`fnn.data.stack`);
+        metrics then have a leading axis ``K``.
+      mesh: a ``jax.sharding.Mesh`` for data parallel training, e.g.
+        ``jax.make_mesh((jax.device_count(),), ("data",))``. ``step.init``
+        replicates the state on it and the step splits each batch over its
+        data axis; each device accumulates over its own rows and ONE
+        all-reduce after the scan adds the sums of all devices.
+      data_axis: the mesh axis the batch is split over; by default the only
+        axis of a one-dimensional mesh, else ``"data"``.
+      grad_norm: include the ``grad_norm`` metric (one more reduction over
+        the gradients per step).
+      donate: donate the train state's buffers to the new state
+        (``donate_argnums=0``): the train state passed in must not be used
+        again.
+      jit: compile the step; ``False`` runs it as plain Python (for
+        debugging or to ``jax.jit`` it yourself).
+      jit_kwargs: more keyword arguments for ``jax.jit``, e.g.
+        ``{"compiler_options": {...}}`` (see ``benchmarks/README.md``).
 
     Returns:
-      The step. ``metrics`` is ``{"loss": loss_sum / weight, "weight": weight,
-      **{name: aux_sum / weight}, "grad_norm": global norm of the gradient}``
-      (no ``grad_norm`` with ``grad_norm=False``).
+      A :class:`TrainStep`. ``metrics`` is ``{"loss": loss_sum / weight,
+      "weight": weight, **{name: aux_sum / weight}, "grad_norm": norm of the
+      gradient}``.
 
     Raises:
-      ValueError: at construction for bad ``accum_steps`` or ``steps_per_call``;
-        at trace time when the batch does not split into ``accum_steps``
-        microbatches (naming both sizes), its leaves' leading sizes differ, or
-        with ``steps_per_call`` the leading axis is not ``K``.
+      ValueError: for bad options; at trace time, for a batch that does not
+        split into microbatches (naming both sizes), batch leaves with
+        different leading sizes, a train state made for another optimizer, or
+        a loss that returns the wrong things.
+      TypeError: for a ``loss_fn`` whose arguments contradict ``has_state``.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, fnn
       >>> def loss_fn(params, batch, key):
       ...     err = batch["x"] @ params["w"] - batch["y"]
       ...     return jnp.sum(err**2), batch["y"].shape[0]
-      >>> opt = optax.sgd(0.1)
-      >>> ts = fnn.TrainState.create(
-      ...     {"w": jnp.zeros(2)}, opt, key=jax.random.key(0))
-      >>> step = fnn.make_train_step(loss_fn, opt, accum_steps=2)
+      >>> step = fnn.make_train_step(loss_fn, optax.sgd(0.1), accum_steps=2)
+      >>> ts = step.init({"w": jnp.zeros(2)}, key=jax.random.key(0))
       >>> batch = {"x": jnp.eye(2).repeat(2, 0), "y": jnp.ones(4)}
       >>> ts, metrics = step(ts, batch)
       >>> float(metrics["loss"]), int(ts.step)
       (1.0, 1)
     """
-    check_step_counts("make_train_step", accum_steps, steps_per_call)
-    if mesh is not None:
-        from fnn.training.parallel import make_parallel_train_step  # imports this file
-
-        return make_parallel_train_step(
-            loss_fn,
-            optimizer,
-            mesh,
-            accum_steps=accum_steps,
-            has_state=has_state,
-            steps_per_call=steps_per_call,
-            donate=donate,
-            jit=jit,
-            grad_norm=grad_norm,
+    owner = "make_train_step"
+    options = {
+        "optimizer": optimizer,
+        "accum_steps": positive_int(owner, "accum_steps", accum_steps),
+        "steps_per_call": positive_int(owner, "steps_per_call", steps_per_call),
+        "mesh": mesh,
+        "data_axis": None
+        if mesh is None
+        else sharding.data_axis(owner, mesh, data_axis),
+        "donate": boolean(owner, "donate", donate),
+        "jit": boolean(owner, "jit", jit),
+        "jit_kwargs": jit_kwargs,
+    }
+    boolean(owner, "has_state", has_state)
+    boolean(owner, "grad_norm", grad_norm)
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(
+            f"{owner}: expected an optax GradientTransformation, e.g. "
+            f"optax.adam(1e-3), got {type(optimizer).__name__}."
         )
+    _check_loss_arity(loss_fn, has_state)
+    k = options["accum_steps"]
+    sums_fn = _sums_on_mesh(loss_fn, options, has_state) if mesh is not None else None
 
     def one_step(ts: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
-        sums = accumulate_gradients(
-            loss_fn,
-            ts.params,
-            ts.state,
-            batch,
-            step_key(ts),
-            accum_steps=accum_steps,
-            has_state=has_state,
-        )
+        _check_train_state(ts, optimizer)
+        key = jax.random.fold_in(ts.key, ts.step)
+        if sums_fn is not None:
+            sums = sums_fn(ts.params, ts.state, batch, key)
+        else:
+            sums = accumulate_gradients(
+                loss_fn,
+                ts.params,
+                ts.state,
+                batch,
+                key,
+                accum_steps=k,
+                has_state=has_state,
+            )
+        check_aux_names(sums.aux_sum)
         return apply_gradients(optimizer, ts, sums, grad_norm=grad_norm)
 
-    step = scan_steps(one_step, steps_per_call, "make_train_step")
-    if jit:
-        step = jit_step(step, donate=donate)
-    return step
+    return TrainStep(one_step, options)
+
+
+def _sums_on_mesh(loss_fn: LossFn, options: dict, has_state: bool) -> Callable:
+    """Gradient sums of the whole global batch with one all-reduce.
+
+    Each device runs :func:`accumulate_gradients` over its own rows inside
+    ``jax.shard_map``, then ONE ``psum`` after the scan adds gradient sums,
+    weights, loss and metric sums (and the running state, averaged). Device
+    ``d`` draws its randomness from ``fold_in(step key, d)``.
+    """
+    mesh, axis, k = options["mesh"], options["data_axis"], options["accum_steps"]
+    n = mesh.shape[axis]
+
+    def local_sums(params, state, batch, key):
+        key = jax.random.fold_in(key, jax.lax.axis_index(axis))
+        sums = accumulate_gradients(
+            loss_fn, params, state, batch, key, accum_steps=k, has_state=has_state
+        )
+        sums = sharding.psum_fused(sums, axis)
+        return sums._replace(state=jax.tree.map(sharding.mean_over(n), sums.state))
+
+    # Unchecked on purpose: with replication checking on, the gradient of the
+    # replicated params is made replicated by an all-reduce per microbatch
+    # inside the scan; here each device differentiates its own rows' loss and
+    # the psum above adds the results once.
+    sharded = jax.shard_map(
+        local_sums,
+        mesh=mesh,
+        in_specs=(P(), P(), P(axis), P()),
+        out_specs=P(),
+        check_vma=False,
+    )
+
+    def sums_fn(params, state, batch, key):
+        b = leading_size(batch)
+        if b % (n * k):
+            raise ValueError(
+                f"train step: a batch of {b} examples does not split over {n} "
+                f"devices x accum_steps={k}; use a batch size that is a multiple "
+                f"of {n * k}."
+            )
+        return sharded(params, state, batch, key)
+
+    return sums_fn

@@ -41,10 +41,11 @@ def max_diff(a, b):
     )
 
 
-def run_pair(make_ref, make_par, ts, batch, mesh):
+def run_pair(make_ref, make_par, params, state, batch, key):
     ref, par = make_ref(), make_par()
-    r, p = ts, fnn.replicate(ts, mesh)
-    sb = fnn.shard_batch(batch, mesh)
+    r = ref.init(params, key=key, state=state)
+    p = par.init(params, key=key, state=state)
+    sb = par.shard(batch)
     hlo = par.lower(p, sb).compile().as_text()
     for _ in range(STEPS):
         r, mr = ref(r, batch)
@@ -64,7 +65,7 @@ def run_pair(make_ref, make_par, ts, batch, mesh):
 
 
 def main():
-    mesh = fnn.data_mesh()
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
     out = {"devices": mesh.size}
     k = jax.random.split(jax.random.key(0), 5)
     params = {
@@ -79,13 +80,13 @@ def main():
         "mask": mask,
     }
     opt = optax.adam(0.05)
-    ts = fnn.TrainState.create(params, opt, key=jax.random.key(1))
     out["mlp"] = run_pair(
         lambda: fnn.make_train_step(mlp_loss, opt, accum_steps=ACCUM, donate=False),
-        lambda: fnn.make_parallel_train_step(mlp_loss, opt, mesh, accum_steps=ACCUM),
-        ts,
+        lambda: fnn.make_train_step(mlp_loss, opt, accum_steps=ACCUM, mesh=mesh),
+        params,
+        None,
         batch,
-        mesh,
+        jax.random.key(1),
     )
 
     # BatchNorm synchronised over the mesh axis: the statistics of a device's
@@ -113,23 +114,23 @@ def main():
     # SGD, not Adam: the gradient of the bias before BatchNorm is zero up to
     # rounding, and Adam would turn that rounding noise into full-size steps.
     sgd = optax.sgd(0.1)
-    ts_bn = fnn.TrainState.create(p_bn, sgd, key=jax.random.key(3), state=s_bn)
     out["batchnorm"] = run_pair(
         lambda: fnn.make_train_step(
             bn_loss(None), sgd, accum_steps=ACCUM, has_state=True, donate=False
         ),
-        lambda: fnn.make_parallel_train_step(
-            bn_loss("data"), sgd, mesh, accum_steps=ACCUM, has_state=True
+        lambda: fnn.make_train_step(
+            bn_loss("data"), sgd, accum_steps=ACCUM, has_state=True, mesh=mesh
         ),
-        ts_bn,
+        p_bn,
+        s_bn,
         batch,
-        mesh,
+        jax.random.key(3),
     )
 
     # A batch that does not split over devices x microbatches is a clear error.
-    step = fnn.make_parallel_train_step(mlp_loss, opt, mesh, accum_steps=3)
+    step = fnn.make_train_step(mlp_loss, opt, accum_steps=3, mesh=mesh)
     try:  # 16 rows over 4 devices x 3 microbatches
-        step(fnn.replicate(ts, mesh), fnn.shard_batch(batch, mesh))
+        step(step.init(params, key=jax.random.key(1)), batch)
         out["bad_batch_error"] = None
     except ValueError as e:
         out["bad_batch_error"] = str(e)

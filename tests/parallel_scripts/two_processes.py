@@ -40,19 +40,16 @@ def data(step):
     }
 
 
-def initial_state(opt):
+def initial_params():
     k1, k2 = jax.random.split(jax.random.key(0))
-    params = {"w1": jax.random.normal(k1, (3, 4)), "w2": jax.random.normal(k2, (4,))}
-    return fnn.TrainState.create(params, opt, key=jax.random.key(1))
+    return {"w1": jax.random.normal(k1, (3, 4)), "w2": jax.random.normal(k2, (4,))}
 
 
 def main(out_dir, coordinator=None, n=1, pid=0, ckpt_dir=None, die=False):
     opt = optax.adam(0.05)
     if coordinator is None:  # the reference: one process, one device
-        ts, step = (
-            initial_state(opt),
-            fnn.make_train_step(loss_fn, opt, accum_steps=ACCUM),
-        )
+        step = fnn.make_train_step(loss_fn, opt, accum_steps=ACCUM)
+        ts = step.init(initial_params(), key=jax.random.key(1))
         for i in range(STEPS):
             ts, _ = step(ts, data(i))
         np.savez(os.path.join(out_dir, "reference.npz"), **ts.params)
@@ -65,23 +62,23 @@ def main(out_dir, coordinator=None, n=1, pid=0, ckpt_dir=None, die=False):
         heartbeat_timeout_seconds=5,
         shutdown_timeout_seconds=10,
     )
-    mesh = fnn.data_mesh()
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
     assert mesh.size == n and jax.process_count() == n, (mesh, jax.process_count())
-    step = fnn.make_parallel_train_step(loss_fn, opt, mesh, accum_steps=ACCUM)
-    ts = fnn.replicate(initial_state(opt), mesh)
+    step = fnn.make_train_step(loss_fn, opt, accum_steps=ACCUM, mesh=mesh)
+    ts = step.init(initial_params(), key=jax.random.key(1))
     rows = BATCH // n
     if die:
         if pid == 1:
             os._exit(17)  # as if killed: no shutdown, no goodbye
         while True:  # the survivor keeps stepping with a dead peer
-            ts, _ = step(ts, fnn.shard_batch(data(0), mesh))
+            ts, _ = step(ts, data(0))
             jax.block_until_ready(ts)
     for i in range(STEPS):
         local = {k: v[pid * rows : (pid + 1) * rows] for k, v in data(i).items()}
-        ts, _ = step(ts, fnn.shard_batch(local, mesh))
+        ts, _ = step(ts, local)  # this process's rows of the global batch
     with fnn.Checkpointer(ckpt_dir, async_save=False) as ckpt:
         ckpt.save(STEPS, ts)
-        target = fnn.replicate(initial_state(opt), mesh)
+        target = step.init(initial_params(), key=jax.random.key(1))
         restored, _ = ckpt.restore(target)
     result = {k: np.asarray(v.addressable_data(0)) for k, v in ts.params.items()}
     for k, v in restored.params.items():

@@ -89,10 +89,11 @@ def masked_mean(
       ValueError: if ``mask`` does not fit ``x``.
 
     Examples:
-      >>> import jax.numpy as jnp, fnn
+      >>> import jax.numpy as jnp
+      >>> from fnn.model.layers.pool import masked_mean
       >>> x = jnp.array([[[1.0], [3.0], [100.0]], [[2.0], [9.0], [9.0]]])
       >>> mask = jnp.array([[True, True, False], [False, False, False]])
-      >>> fnn.masked_mean(x, mask, axis=1)
+      >>> masked_mean(x, mask, axis=1)
       Array([[2.], [0.]], dtype=float32)
     """
     x = _floating(x)
@@ -120,10 +121,11 @@ def masked_max(
       ValueError: if ``mask`` does not fit ``x``.
 
     Examples:
-      >>> import jax.numpy as jnp, fnn
+      >>> import jax.numpy as jnp
+      >>> from fnn.model.layers.pool import masked_max
       >>> x = jnp.array([[[1.0], [3.0], [100.0]], [[2.0], [9.0], [9.0]]])
       >>> mask = jnp.array([[True, True, False], [False, False, False]])
-      >>> fnn.masked_max(x, mask, axis=1)
+      >>> masked_max(x, mask, axis=1)
       Array([[3.], [0.]], dtype=float32)
     """
     x = jnp.asarray(x)
