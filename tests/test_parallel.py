@@ -160,6 +160,7 @@ def test_initialize_reads_fnn_environment(monkeypatch):
         "10.0.0.9:99",
         1,
     )
+    assert calls[1]["heartbeat_timeout_seconds"] == 15  # bounded by default
     monkeypatch.setenv("FNN_PROCESS_ID", "two")
     with pytest.raises(ValueError, match=r"initialize: .*FNN_PROCESS_ID.*'two'"):
         fnn.initialize()

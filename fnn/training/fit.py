@@ -288,6 +288,7 @@ def fit(
             f"use remainder='drop' or 'pad', not 'keep'."
         )
     n = leading_size(train_data, "train_data")
+    _check_batch_sizes(train_step, n, batch_size, remainder)
     log_every = log_every or data.num_batches(n, batch_size, remainder)
     grid = [log_every, eval_every if eval_step is not None else None]
     grid.append(checkpoint_every if checkpoint_dir is not None else None)
@@ -308,6 +309,21 @@ def fit(
     finally:
         if saver is not None:
             saver.close()
+
+
+def _check_batch_sizes(train_step: Any, n: int, batch_size: int, remainder: str):
+    """Refuses, before training, a batch size the step would refuse later."""
+    multiple = getattr(train_step, "batch_multiple", 1)
+    sizes = {batch_size} | ({n % batch_size} if remainder == "keep" else set())
+    for size in sorted(sizes - {0}):
+        if size % multiple:
+            what = "batch_size" if size == batch_size else "the last batch"
+            raise ValueError(
+                f"fit: {what} of {size} examples does not split into the step's "
+                f"microbatches (accum_steps x devices = {multiple}); use a batch "
+                f"size that is a multiple of {multiple}"
+                + (", or remainder='pad' or 'drop'." if size != batch_size else ".")
+            )
 
 
 def _eval_batches(eval_data: Any, size: int) -> Iterator:

@@ -165,6 +165,8 @@ class TrainStep:
       accum_steps: microbatches per optimizer step.
       steps_per_call: optimizer steps per call (over stacked batches).
       mesh: the ``jax.sharding.Mesh`` it runs on, or ``None``.
+      batch_multiple: the batch sizes it takes are multiples of this,
+        ``accum_steps`` times the size of the mesh's data axis.
       single: the same step with ``steps_per_call=1`` (itself when it is one);
         :func:`fnn.fit` uses it to land exactly on report points.
     """
@@ -177,6 +179,8 @@ class TrainStep:
         self.steps_per_call = options["steps_per_call"]
         self.mesh = options["mesh"]
         self._axis = options["data_axis"]
+        devices = 1 if self.mesh is None else self.mesh.shape[self._axis]
+        self.batch_multiple = self.accum_steps * devices
         fn = one_step if self.steps_per_call == 1 else self._many
         if options["jit"]:
             kwargs = dict(options["jit_kwargs"] or {})

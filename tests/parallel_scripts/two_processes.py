@@ -59,7 +59,7 @@ def main(out_dir, coordinator=None, n=1, pid=0, ckpt_dir=None, die=False):
         n,
         pid,
         initialization_timeout=30,
-        heartbeat_timeout_seconds=5,
+        heartbeat_timeout_seconds=int(os.environ.get("FNN_TEST_HEARTBEAT", "5")),
         shutdown_timeout_seconds=10,
     )
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
