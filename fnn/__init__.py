@@ -46,6 +46,7 @@ from fnn.model.layers.positional import (
 )
 from fnn.model.layers.recurrent import RNN, GRUCell, LSTMCell
 from fnn.model.layers.reshape import Flatten, Identity, Reshape
+from fnn.model.remat import remat
 from fnn.model.repeat import repeat
 from fnn.model.state import with_state
 from fnn.model.summary import summary
@@ -74,6 +75,7 @@ __all__ = [
     "fan_out",
     "named",
     "parallel",
+    "remat",
     "repeat",
     "residual",
     "serial",
