@@ -7,7 +7,12 @@ arrays. ``import fnn`` is all a script needs. The package has three parts:
 ``fit``, data, checkpoints) and ``fnn/gradcheck`` (gradient checking).
 """
 
-from fnn.gradcheck import GradientCheckError, check_grads, check_layer
+from fnn.gradcheck import (
+    GradientCheckError,
+    check_grads,
+    check_layer,
+    find_nonfinite,
+)
 from fnn.model.activations import (
     Elu,
     Gelu,
@@ -130,4 +135,5 @@ __all__ = [
     "GradientCheckError",
     "check_grads",
     "check_layer",
+    "find_nonfinite",
 ]
