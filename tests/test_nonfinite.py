@@ -1,5 +1,5 @@
 """fnn.find_nonfinite (fnn/gradcheck/nonfinite.py): it names the layer where a
-NaN or Inf began and why.
+NaN or Inf began and why, and fit's NonFiniteLossError leads to it.
 
 Each test plants the NaN in one known place of a 2 -> 3 -> 3 -> 1 network
 whose third layer takes a log.
@@ -8,6 +8,7 @@ whose third layer takes a log.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import fnn
@@ -80,6 +81,29 @@ def test_everything_finite_finds_nothing():
     report = fnn.find_nonfinite(NET, make_params(1.0), X, loss=lambda y: y.sum())
     assert not report.found and report.layers == 5  # the root and 4 layers
     assert "are finite" in str(report)
+
+
+def loss_fn(params, batch, key):
+    y = NET.apply(params, batch["x"], key=key)[:, 0]
+    return jnp.sum((y - batch["y"]) ** 2), y.shape[0]
+
+
+def test_fit_gives_the_failing_batch_to_find_nonfinite():
+    x = np.ones((16, 2), np.float32)
+    x[9, 1] = np.nan  # the third batch of 4, in order
+    data = {"x": x, "y": np.zeros(16, np.float32)}
+    step = fnn.make_train_step(loss_fn, optax.sgd(0.0))
+    params = make_params(1.0)
+    ts = step.init(params, key=jax.random.key(0))
+    with pytest.raises(fnn.NonFiniteLossError) as info:
+        fnn.fit(step, ts, data, batch_size=4, epochs=1, shuffle=False, progress=False)
+    err = info.value
+    assert err.step == 3
+    np.testing.assert_array_equal(err.batch["x"], x[8:12])
+    assert any("fnn.find_nonfinite(loss_fn" in n for n in err.__notes__)
+    report = fnn.find_nonfinite(loss_fn, params, err.batch)
+    assert (report.place, report.cause) == ("serial[0]", "input")
+    assert report.nonfinite_batch == ("batch['x']",)
 
 
 def test_a_model_that_is_not_a_layer_or_a_function_is_an_error():
