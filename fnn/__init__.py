@@ -9,8 +9,10 @@ arrays. ``import fnn`` is all a script needs. The package has three parts:
 
 from fnn.gradcheck import (
     GradientCheckError,
+    StepCheckError,
     check_grads,
     check_layer,
+    check_step,
     find_nonfinite,
 )
 from fnn.model.activations import (
@@ -133,7 +135,9 @@ __all__ = [
     "make_train_step",
     # gradient checking
     "GradientCheckError",
+    "StepCheckError",
     "check_grads",
     "check_layer",
+    "check_step",
     "find_nonfinite",
 ]

@@ -21,14 +21,18 @@ from fnn.gradcheck import _core as core
 from fnn.gradcheck import _fd as fd
 from fnn.gradcheck._report import GradCheckEntry, GradCheckReport, GradientCheckError
 from fnn.gradcheck.nonfinite import NonFiniteReport, find_nonfinite
+from fnn.gradcheck.step import StepCheckError, StepCheckReport, check_step
 
 __all__ = [
     "GradCheckEntry",
     "GradCheckReport",
     "GradientCheckError",
     "NonFiniteReport",
+    "StepCheckError",
+    "StepCheckReport",
     "check_grads",
     "check_layer",
+    "check_step",
     "find_nonfinite",
 ]
 
