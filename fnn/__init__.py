@@ -7,7 +7,14 @@ arrays. ``import fnn`` is all a script needs. The package has three parts:
 ``fit``, data, checkpoints) and ``fnn/gradcheck`` (gradient checking).
 """
 
-from fnn.gradcheck import GradientCheckError, check_grads, check_layer
+from fnn.gradcheck import (
+    GradientCheckError,
+    StepCheckError,
+    check_grads,
+    check_layer,
+    check_step,
+    find_nonfinite,
+)
 from fnn.model.activations import (
     Elu,
     Gelu,
@@ -130,6 +137,9 @@ __all__ = [
     "make_train_step",
     # gradient checking
     "GradientCheckError",
+    "StepCheckError",
     "check_grads",
     "check_layer",
+    "check_step",
+    "find_nonfinite",
 ]

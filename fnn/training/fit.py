@@ -244,7 +244,9 @@ def fit(
       ValueError: for bad arguments; for resuming from a checkpoint written
         with another ``batch_size``, data-order key or dataset; for existing
         checkpoints with ``resume=False``.
-      NonFiniteLossError: when a loss or the params become NaN or infinite.
+      NonFiniteLossError: when a loss or the params become NaN or infinite;
+        for a loss, ``err.batch`` is the batch of the failing step, for
+        :func:`fnn.find_nonfinite`.
 
     Examples:
       >>> import jax, jax.numpy as jnp, numpy as np, optax, fnn
@@ -385,7 +387,11 @@ def _loop(train_step, ts, train_data, plan, saver, callbacks, **o) -> tuple:
             crossed = done // o["progress_every"] != (done - k) // o["progress_every"]
             if not (on_grid or final or save_due or crossed):
                 continue
-            reporter.log.pull(last_ckpt)
+            try:
+                reporter.log.pull(last_ckpt)
+            except NonFiniteLossError as err:
+                _point_to_batch(err, train_data, err.step - base - 1, o)
+                raise
             if on_grid or final:
                 entry = reporter.entry(run, done, plan.per_epoch, _lr(ts, lr))
                 if eval_due:
@@ -420,6 +426,27 @@ def _loop(train_step, ts, train_data, plan, saver, callbacks, **o) -> tuple:
             if final:
                 break
     return ts, run.history
+
+
+def _point_to_batch(err: NonFiniteLossError, train_data, position: int, o) -> None:
+    """Gives ``err`` the failing step's host batch and says how to use it.
+
+    The batch is made again from the data stream at that step's position (the
+    order depends only on the key and the position), so ``fit`` keeps no
+    batches while it runs.
+    """
+    err.batch = next(
+        data.stream(
+            train_data, o["batch_size"], key=o["key"], shuffle=o["shuffle"],
+            remainder=o["remainder"], start=position,
+        )
+    )  # fmt: skip
+    err.add_note(
+        f"fit: err.batch is the batch of step {err.step}; "
+        f"fnn.find_nonfinite(loss_fn, params, err.batch) names the first layer "
+        f"whose output or gradient became NaN or Inf, given the params before "
+        f"that step (run fit again with steps={position} to get them)."
+    )
 
 
 def _lr(ts: Any, template: Any) -> Any:
