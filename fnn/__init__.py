@@ -9,7 +9,6 @@ arrays. ``import fnn`` is all a script needs. The package has three parts:
 
 from fnn.gradcheck import (
     GradientCheckError,
-    StepCheckError,
     check_grads,
     check_layer,
     check_step,
@@ -137,7 +136,6 @@ __all__ = [
     "make_train_step",
     # gradient checking
     "GradientCheckError",
-    "StepCheckError",
     "check_grads",
     "check_layer",
     "check_step",

@@ -65,7 +65,7 @@ def test_mean_of_means_is_caught_by_accumulation():
         loss_sum, weight = loss_fn(params, batch, key)
         return loss_sum / weight, 1.0
 
-    with pytest.raises(fnn.StepCheckError) as info:
+    with pytest.raises(fnn.GradientCheckError) as info:
         fnn.check_step(mean_loss, make_params(), make_batch(), checks=["accumulation"])
     assert caught(info, "accumulation").path.startswith("grad['")
 
@@ -85,7 +85,7 @@ def mask_after_mean(params, batch, key):
 
 @pytest.mark.parametrize("leaky", [batch_size_weight, mask_after_mean])
 def test_a_leaking_mask_is_caught(leaky):
-    with pytest.raises(fnn.StepCheckError) as info:
+    with pytest.raises(fnn.GradientCheckError) as info:
         fnn.check_step(leaky, make_params(), make_batch(), checks=["mask"])
     caught(info, "mask")
 
@@ -114,7 +114,7 @@ def stepper(first_batch_only):
 
 
 def test_a_steps_per_call_bug_is_caught():
-    with pytest.raises(fnn.StepCheckError) as info:
+    with pytest.raises(fnn.GradientCheckError) as info:
         fnn.check_step(
             loss_fn,
             make_params(),
@@ -139,7 +139,7 @@ def test_a_wrong_custom_gradient_in_the_loss_is_caught():
 
     params = make_params()
     params["2_dense"]["b"] = jnp.array([0.5, -1.0, 2.0])  # 2x != x away from 0
-    with pytest.raises(fnn.StepCheckError) as info:
+    with pytest.raises(fnn.GradientCheckError) as info:
         fnn.check_step(loss, params, make_batch(), checks=["gradient"])
     assert caught(info, "gradient").path == "params['2_dense']['b']"
 

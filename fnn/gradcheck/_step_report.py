@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from fnn.gradcheck._report import GradientCheckError
+
 CHECKS = ("accumulation", "mask", "steps_per_call", "mesh", "gradient")
 DEFAULT_RTOL = 1e-9  # float64 sums in another order differ by about 1e-15
 HINTS = {
@@ -105,12 +107,12 @@ class StepCheckReport:
         return "\n".join(line.rstrip() for line in lines)
 
 
-class StepCheckError(AssertionError):
+class StepCheckError(GradientCheckError):
     """A training step differs from its reference; ``.report`` says where.
 
-    A subclass of ``AssertionError``, so pytest shows it as a failed
-    assertion. ``str(err)`` is the report: a sentence naming the first failed
-    check, then a table of every check.
+    A subclass of :class:`fnn.GradientCheckError` (so of ``AssertionError``:
+    pytest shows it as a failed assertion). ``str(err)`` is the report: a
+    sentence naming the first failed check, then a table of every check.
 
     Attributes:
       report: the :class:`StepCheckReport`; ``report.failures[0]`` names the
@@ -118,13 +120,13 @@ class StepCheckError(AssertionError):
 
     Examples:
       >>> import fnn
-      >>> issubclass(fnn.StepCheckError, AssertionError)
+      >>> issubclass(fnn.gradcheck.StepCheckError, fnn.GradientCheckError)
       True
     """
 
     def __init__(self, report: StepCheckReport):
-        super().__init__(str(report))
+        AssertionError.__init__(self, str(report))
         self.report = report
 
 
-StepCheckError.__module__ = "fnn"
+StepCheckError.__module__ = "fnn.gradcheck"

@@ -115,7 +115,7 @@ def check_step(
       >>> try:
       ...     fnn.check_step(mean_loss, {"w": jnp.ones(2)}, batch,
       ...                    checks=["accumulation"])
-      ... except fnn.StepCheckError as err:
+      ... except fnn.GradientCheckError as err:
       ...     print(err.report.failures[0].check, err.report.failures[0].path)
       accumulation grad['w']
     """
