@@ -106,7 +106,7 @@ def _spec_for(owner: str, name: str, shape: tuple, rules: dict, mesh: Mesh) -> P
             raise ValueError(
                 f"{owner}: rule {pattern!r} gives params path {name!r} the spec "
                 f"{spec} with {len(spec)} entries, but its shape {shape!r} has "
-                f"rank {len(shape)}; give at most {len(shape)} entries."
+                f"rank {len(shape)}; drop the extra entries."
             )
     if len({_normal(rules[p], len(shape)) for p in hits}) > 1:
         listing = ", ".join(f"{p!r}: {rules[p]}" for p in hits)
