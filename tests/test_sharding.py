@@ -8,6 +8,9 @@ processes run in subprocesses, in tests/test_parallel.py.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -186,3 +189,18 @@ def test_a_state_the_rules_do_not_fit_is_an_error_at_the_first_call():
     batch = {"x": np.ones((2, 3), np.float32), "y": np.ones((2, 2), np.float32)}
     with pytest.raises(ValueError, match="^train step: the rule 'v' matches no"):
         step(ts, batch)
+
+
+def test_the_python_blocks_of_docs_scale_run(tmp_path, monkeypatch):
+    # On this process's devices (one, in the test run): the examples are
+    # written for any device count.
+    text = (Path(__file__).resolve().parents[1] / "docs" / "scale.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks
+    monkeypatch.chdir(tmp_path)  # the checkpoint example writes ./ckpt
+    namespace: dict = {}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"docs/scale.md block {i}", "exec"), namespace)
+    spec = namespace["state"].params["0_dense"]["w"].sharding.spec
+    # The compiler drops mesh axes of size 1 from the specs it returns.
+    assert spec == (P(None, "tp") if jax.device_count() > 1 else P())
