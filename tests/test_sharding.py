@@ -100,6 +100,10 @@ def test_axes_the_mesh_lacks_or_repeats_and_bad_values_are_errors():
         specs({"*/w": ("data",)})
     with pytest.raises(TypeError, match="expected param_rules to be a dict"):
         specs([("*/w", P("data"))])
+    with pytest.raises(ValueError, match="^make_train_step: param_rules place"):
+        fnn.make_train_step(
+            lambda p, b, k: (0.0, 1.0), optax.sgd(0.1), param_rules={"w": P()}
+        )
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
     with pytest.raises(ValueError, match="^make_train_step: rule '\\*/w': "):
         fnn.make_train_step(

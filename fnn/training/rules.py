@@ -48,15 +48,20 @@ def _axes(entry: Any) -> tuple:
     return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def check_rules(owner: str, rules: Any, mesh: Mesh) -> dict[str, P]:
+def check_rules(owner: str, rules: Any, mesh: Mesh | None) -> dict[str, P]:
     """Checks a rule table against ``mesh``, before any params are seen.
 
     Raises:
       TypeError: for a table that is not a mapping of ``str`` patterns to
         ``PartitionSpec``s.
-      ValueError: for a spec that names an axis the mesh lacks, or one axis
-        twice.
+      ValueError: without a mesh, or for a spec that names an axis the mesh
+        lacks, or one axis twice.
     """
+    if mesh is None:
+        raise ValueError(
+            f"{owner}: param_rules place the params on a mesh; pass mesh= too, "
+            f"e.g. jax.make_mesh((jax.device_count(),), ('data',))."
+        )
     if not isinstance(rules, Mapping):
         raise TypeError(
             f"{owner}: expected param_rules to be a dict of params path patterns "
