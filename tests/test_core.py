@@ -61,6 +61,21 @@ def test_embed_looks_up_rows_and_bad_ids_are_nan():
     assert np.isnan(np.asarray(got[2])).all()
 
 
+def test_embed_negative_ids_are_nan_with_zero_gradient():
+    layer = fnn.Embed(4, 2)
+    _, params = layer.init(jax.random.key(0), (-1,))
+    ids = jnp.array([-1, -4, 4, 1])  # -1 and -4 would wrap to rows 3 and 0
+    got = np.asarray(layer.apply(params, ids))
+    assert np.isnan(got[:3]).all()
+    np.testing.assert_array_equal(got[3], np.asarray(params["table"])[1])
+    grad = jax.grad(lambda t: jnp.nansum(layer.apply({"table": t}, ids)))(
+        params["table"]
+    )
+    want = np.zeros((4, 2), np.float32)
+    want[1] = 1.0
+    np.testing.assert_array_equal(grad, want)
+
+
 def test_embed_rejects_float_ids():
     layer = fnn.Embed(4, 2)
     _, params = layer.init(jax.random.key(0), (-1,))

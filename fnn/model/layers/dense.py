@@ -95,9 +95,11 @@ def Embed(
 
     Returns:
       The layer; params ``{'table': (vocab_size, features)}``. Input ids of shape
-      ``(...)`` give ``(..., features)``. An id outside ``[0, vocab_size)`` gives a
-      row of NaN, so a bad id is loud (the training loop stops on a NaN loss)
-      instead of silently reading another token's vector.
+      ``(...)`` give ``(..., features)``. An id outside ``[0, vocab_size)``
+      (negative ids such as a padding ``-1`` included) gives a row of NaN, so a
+      bad id is loud (the training loop stops on a NaN loss) instead of
+      silently reading another token's vector; the table gets no gradient from
+      it.
 
     Raises:
       ValueError: for non-positive sizes.
@@ -124,6 +126,11 @@ def Embed(
         ids = jnp.asarray(ids)
         if not jnp.issubdtype(ids.dtype, jnp.integer):
             fail(desc, f"expected integer token ids, got dtype {ids.dtype}.")
-        return jnp.take(params["table"], ids, axis=0, mode="fill", fill_value=jnp.nan)
+        # jnp.take wraps negative ids (-1 reads the last row) before its
+        # out-of-bounds fill, so every bad id is read as row 0 and masked here;
+        # the mask also gives those rows zero gradient.
+        bad = (ids < 0) | (ids >= vocab_size)
+        rows = jnp.take(params["table"], jnp.where(bad, 0, ids), axis=0)
+        return jnp.where(bad[..., None], jnp.nan, rows)
 
     return make_layer("embed", desc, init_fn, apply_fn)
