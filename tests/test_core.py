@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import fnn
+from fnn.model.core import layer_name
 
 from suite import check_layer_properties
 
@@ -336,3 +337,54 @@ def test_stateless_network_never_sees_state():
     out = net.init(jax.random.key(0), (-1, 3))
     assert len(out) == 2
     assert net.apply(out[1], jnp.ones((1, 3))).shape == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("layer", "xs", "message"),
+    [
+        (
+            fnn.fan_in_sum(),
+            (jnp.ones((2, 3)), jnp.ones((2, 1))),
+            r"fan_in_sum\(\) at serial\[1\]: branch 0 has shape \(2, 3\) but branch "
+            r"1 has \(2, 1\)",
+        ),
+        (
+            fnn.fan_in_concat(),
+            (jnp.ones((2, 3)), jnp.ones((3, 1))),
+            r"fan_in_concat\(axis=-1\) at serial\[1\]: branch 0 has shape \(2, 3\) "
+            r"but branch 1 has \(3, 1\)",
+        ),
+        (
+            fnn.fan_in_sum(),
+            (),
+            r"fan_in_sum\(\) at serial\[1\]: expected a tuple of inputs .*, got an "
+            r"empty tuple",
+        ),
+    ],
+)
+def test_fan_in_checks_shapes_at_apply_under_jit(layer, xs, message):
+    net = fnn.serial(fnn.Identity(), layer)
+    with pytest.raises(fnn.ShapeError, match=message):
+        jax.jit(net.apply)({"0_identity": {}, "1_" + layer_name(layer): {}}, xs)
+
+
+def test_residual_checks_the_shape_at_apply():
+    def init(key, shape):  # claims to keep the shape, returns one column
+        return shape, {}
+
+    def apply(params, x, **kwargs):
+        return x[:, :1]
+
+    block = fnn.residual(fnn.Layer(init, apply))
+    with pytest.raises(
+        fnn.ShapeError,
+        match=r"residual\(layer\(\.\.\.\)\): the inner layer maps shape \(2, 3\) to "
+        r"\(2, 1\)",
+    ):
+        block.apply({"layer": {}}, jnp.ones((2, 3)))
+
+
+def test_residual_refuses_a_tuple_of_inputs():
+    block = fnn.residual(fnn.parallel(fnn.Identity(), fnn.Identity()))
+    with pytest.raises(fnn.ShapeError, match=r"expected one input shape"):
+        block.init(None, ((-1, 2), (-1, 2)))
