@@ -156,8 +156,7 @@ def _window_pool(
     full_window, full_strides = (1, *ws, 1), (1, *st, 1)
     full_pad = pad if isinstance(pad, str) else ((0, 0), *pad, (0, 0))
 
-    def init_fn(key, input_shape):
-        shape = check_spatial_input(desc, input_shape, n, "pooling window")
+    def out_shape(shape):
         concrete = (1, *shape[1:])
         pads = (
             lax.padtype_to_pads(concrete, full_window, full_strides, full_pad)
@@ -171,10 +170,16 @@ def _window_pool(
                 f"input of shape {shape!r} is smaller than the window {ws!r}; "
                 "use padding='SAME' or a smaller window.",
             )
-        return (shape[0], *map(int, out[1:])), {}
+        return (shape[0], *map(int, out[1:]))
+
+    def init_fn(key, input_shape):
+        shape = check_spatial_input(desc, input_shape, n, "pooling window")
+        return out_shape(shape), {}
 
     def apply_fn(params, x, **kwargs):
-        check_spatial_rank(desc, tuple(jnp.shape(x)), n, "pooling window")
+        shape = tuple(jnp.shape(x))
+        check_spatial_rank(desc, shape, n, "pooling window")
+        out_shape(shape)  # fails for an input smaller than the window
         return reduce(jnp.asarray(x), full_window, full_strides, full_pad)
 
     return make_layer(kind, desc, init_fn, apply_fn)
@@ -201,7 +206,8 @@ def MaxPool(
 
     Raises:
       ValueError: for a bad option.
-      ShapeError: for an input of the wrong rank, or smaller than the window.
+      ShapeError: at init or apply, for an input of the wrong rank, or smaller
+        than the window (which would leave an empty output).
 
     Examples:
       >>> import jax, jax.numpy as jnp, fnn
@@ -242,7 +248,8 @@ def AvgPool(
 
     Raises:
       ValueError: for a bad option.
-      ShapeError: for an input of the wrong rank, or smaller than the window.
+      ShapeError: at init or apply, for an input of the wrong rank, or smaller
+        than the window (which would leave an empty output).
 
     Examples:
       >>> import jax, jax.numpy as jnp, fnn
@@ -281,6 +288,12 @@ def _global_pool(kind: str, owner: str, axis: Any, masked: Callable, plain: Call
     def apply_fn(params, x, *, mask=None, **kwargs):
         x = jnp.asarray(x)
         ax = non_batch_axes(desc, axes, x.shape)
+        if any(x.shape[a] == 0 for a in ax):
+            fail(
+                desc,
+                f"the pooled axes {ax!r} of the input, shape {x.shape!r}, hold no "
+                "element; give at least one position (padding marked with mask=).",
+            )
         if mask is None:
             return plain(x, axis=ax)
         detail = mask_error(x.shape, tuple(jnp.shape(mask)))
@@ -307,7 +320,8 @@ def GlobalMeanPool(axis: int | tuple[int, ...] = 1) -> Layer:
 
     Raises:
       ValueError: for a bad ``axis``.
-      ShapeError: if ``axis`` does not fit the input, or the mask does not.
+      ShapeError: if ``axis`` does not fit the input, a pooled axis is empty
+        (size 0), or the mask does not fit.
 
     Examples:
       >>> import jax, jax.numpy as jnp, fnn
@@ -338,7 +352,8 @@ def GlobalMaxPool(axis: int | tuple[int, ...] = 1) -> Layer:
 
     Raises:
       ValueError: for a bad ``axis``.
-      ShapeError: if ``axis`` does not fit the input, or the mask does not.
+      ShapeError: if ``axis`` does not fit the input, a pooled axis is empty
+        (size 0), or the mask does not fit.
 
     Examples:
       >>> import jax, jax.numpy as jnp, fnn
