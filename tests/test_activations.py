@@ -210,13 +210,19 @@ def test_axis_error_names_place_and_fires_at_apply():
 @pytest.mark.parametrize(
     "make, match",
     [
-        (lambda: fnn.LeakyRelu("0.1"), "LeakyRelu: expected a finite number"),
-        (lambda: fnn.LeakyRelu(True), "LeakyRelu: expected a finite number"),
-        (lambda: fnn.Swish(float("nan")), "Swish: expected a finite number beta"),
-        (lambda: fnn.Elu(None), "Elu: expected a finite number alpha"),
-        (lambda: fnn.Gelu(1), "Gelu: expected a bool approximate"),
-        (lambda: fnn.Softmax(1.0), "Softmax: expected an int axis"),
-        (lambda: fnn.LogSoftmax(True), "LogSoftmax: expected an int axis"),
+        (
+            lambda: fnn.LeakyRelu("0.1"),
+            "LeakyRelu: expected negative_slope to be a finite number",
+        ),
+        (
+            lambda: fnn.LeakyRelu(True),
+            "LeakyRelu: expected negative_slope to be a finite number",
+        ),
+        (lambda: fnn.Swish(float("nan")), "Swish: expected beta to be a finite number"),
+        (lambda: fnn.Elu(None), "Elu: expected alpha to be a finite number"),
+        (lambda: fnn.Gelu(1), "Gelu: expected approximate to be a bool"),
+        (lambda: fnn.Softmax(1.0), "Softmax: expected axis to be an int"),
+        (lambda: fnn.LogSoftmax(True), "LogSoftmax: expected axis to be an int"),
         (lambda: fnn.elementwise(3), "elementwise: expected a function"),
         (lambda: fnn.elementwise(jnp.sin, name=""), "elementwise: expected a non"),
     ],
