@@ -346,3 +346,19 @@ def test_input_too_small_for_the_kernel_at_apply(layer, x_shape, window):
     assert message.startswith(f"{layer!r} at serial[1]: ")
     assert f"input of shape {x_shape!r} is too small" in message
     assert f"the window {window}" in message
+
+
+@pytest.mark.parametrize("make", [fnn.Conv, fnn.ConvTranspose])
+@pytest.mark.parametrize(
+    ("dtype", "detail"),
+    [
+        (jnp.complex64, "expected a real input, got dtype complex64"),
+        (jnp.int32, "expected a floating-point input, got dtype int32"),
+    ],
+)
+def test_conv_refuses_complex_and_integer_inputs(make, dtype, detail):
+    net = fnn.serial(fnn.Identity(), make(2, (3,)))
+    _, params = net.init(jax.random.key(0), (-1, 4, 1))
+    with pytest.raises(fnn.ShapeError) as e:
+        jax.jit(net.apply)(params, jnp.ones((2, 4, 1), dtype))
+    assert str(e.value).startswith(f"{make.__name__}(2, (3,)) at serial[1]: {detail}")

@@ -388,3 +388,19 @@ def test_residual_refuses_a_tuple_of_inputs():
     block = fnn.residual(fnn.parallel(fnn.Identity(), fnn.Identity()))
     with pytest.raises(fnn.ShapeError, match=r"expected one input shape"):
         block.init(None, ((-1, 2), (-1, 2)))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "detail"),
+    [
+        (jnp.complex64, "expected a real input, got dtype complex64"),
+        (jnp.int32, "expected a floating-point input, got dtype int32"),
+        (jnp.bool_, "expected a floating-point input, got dtype bool"),
+    ],
+)
+def test_dense_refuses_complex_and_integer_inputs(dtype, detail):
+    net = fnn.serial(fnn.Identity(), fnn.Dense(2))
+    _, params = net.init(jax.random.key(0), (-1, 3))
+    with pytest.raises(fnn.ShapeError) as e:
+        jax.jit(net.apply)(params, jnp.ones((2, 3), dtype))
+    assert str(e.value).startswith(f"Dense(features=2) at serial[1]: {detail}")

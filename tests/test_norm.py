@@ -306,3 +306,17 @@ def test_running_statistics_carried_through_scan():
         final, {"mean": mean, "var": var}, rtol=RTOL_F32, atol=ATOL_F32
     )
 
+
+@pytest.mark.parametrize(
+    "layer", [fnn.LayerNorm(), fnn.RMSNorm()], ids=["LayerNorm", "RMSNorm"]
+)
+def test_norms_refuse_complex_inputs(layer):
+    net = fnn.serial(fnn.Identity(), layer)
+    _, params = net.init(jax.random.key(0), (-1, 3))
+    with pytest.raises(fnn.ShapeError) as e:
+        jax.jit(net.apply)(params, jnp.ones((2, 3), jnp.complex64))
+    assert str(e.value).startswith(
+        f"{layer!r} at serial[1]: expected a real input, got dtype complex64"
+    )
+    # integers are normalised in floating point, as before
+    assert net.apply(params, jnp.arange(6).reshape(2, 3)).dtype == jnp.float32

@@ -271,3 +271,14 @@ def test_bad_inputs_name_the_layer():
         net.apply(params, x, mask=jnp.ones((2, 3), bool))
     with pytest.raises(fnn.ShapeError, match=r"either lengths= or mask=, not both"):
         net.apply(params, x, lengths=jnp.array([1, 2]), mask=jnp.ones((2, 4), bool))
+
+
+def test_complex_input_is_refused_with_the_place():
+    net = fnn.serial(fnn.Identity(), fnn.RNN(fnn.GRUCell(3)))
+    _, params = net.init(jax.random.key(0), (-1, 4, 2))
+    with pytest.raises(fnn.ShapeError) as e:
+        jax.jit(net.apply)(params, jnp.ones((2, 4, 2), jnp.complex64))
+    assert str(e.value).startswith(
+        "RNN(GRUCell(features=3)) at serial[1]: expected a real input, got dtype "
+        "complex64"
+    )

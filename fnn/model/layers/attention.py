@@ -11,7 +11,7 @@ from jax.nn import initializers
 from fnn.model.core import Layer, fail, make_layer, signature
 from fnn.model.layers.dense import Dense
 from fnn.model.options import positive_int
-from fnn.model.shapes import check_shape, check_shapes, is_shape
+from fnn.model.shapes import check_real, check_shape, check_shapes, is_shape
 
 
 def _known_features(desc: str, shape: tuple[int, ...], what: str) -> int:
@@ -30,6 +30,7 @@ def _check_array(desc: str, x: Any, features: int, what: str) -> None:
             f"expected {what} of shape (batch, time, {features}), got "
             f"{shape if hasattr(x, 'shape') else type(x).__name__!r}.",
         )
+    check_real(desc, x)
 
 
 def _as_bool(desc: str, m: Any, what: str) -> jax.Array:
@@ -168,7 +169,8 @@ def MultiHeadAttention(
       ValueError: for a non-positive ``num_heads`` or feature size.
       ShapeError: at init or apply, for inputs not of rank 3, unknown feature
         sizes, ``qkv_features`` not divisible by ``num_heads``, inputs whose
-        batch sizes differ, or masks of the wrong shape or dtype.
+        batch sizes differ, inputs that are not real floating-point, or masks
+        of the wrong shape or dtype.
 
     Examples:
       >>> import jax, jax.numpy as jnp, fnn

@@ -19,6 +19,7 @@ from jax.nn import initializers
 from fnn.model.core import Layer, fail, make_layer, signature
 from fnn.model.options import positive_int
 from fnn.model.shapes import (
+    check_real,
     check_shape,
     expand_left,
     kernel_tuple,
@@ -85,6 +86,7 @@ def check_spatial_input(
 
 
 def _check_apply_input(desc: str, x: jax.Array, n: int, channels: int) -> None:
+    check_real(desc, x)
     shape = tuple(jnp.shape(x))
     check_spatial_rank(desc, shape, n)
     if shape[-1] != channels:
@@ -190,7 +192,8 @@ def Conv(
       ShapeError: at init, for an input of the wrong rank, unknown spatial
         sizes, channels not divisible by ``feature_group_count``, or too small
         for the kernel (an empty output); at apply, for the wrong rank or
-        number of channels, or an input too small for the kernel.
+        number of channels, an input too small for the kernel, or one that is
+        not real floating-point.
 
     Examples:
       >>> import jax, jax.numpy as jnp, fnn
@@ -307,7 +310,7 @@ def ConvTranspose(
       ShapeError: at init, for an input of the wrong rank or with unknown
         spatial sizes; at init or apply, for an input too small for the kernel
         and padding (an empty output); at apply, for the wrong rank or number
-        of channels.
+        of channels, or an input that is not real floating-point.
 
     Examples:
       >>> import jax, jax.numpy as jnp, fnn

@@ -8,7 +8,7 @@ from jax.nn import initializers
 
 from fnn.model.core import Layer, fail, make_layer, signature
 from fnn.model.options import positive_int
-from fnn.model.shapes import check_shape, expand_left
+from fnn.model.shapes import check_real, check_shape, expand_left
 
 
 def Dense(
@@ -39,7 +39,8 @@ def Dense(
     Raises:
       ValueError: for a non-positive ``features``.
       ShapeError: at init or apply, for an input whose last dimension is unknown
-        or differs from ``in_features``.
+        or differs from ``in_features``; at apply, for an input that is not
+        real floating-point (integers, booleans, complex numbers).
 
     Examples:
       >>> import jax, jax.numpy as jnp, fnn
@@ -64,6 +65,7 @@ def Dense(
         return shape[:-1] + (features,), params
 
     def apply_fn(params, x, **kwargs):
+        check_real(desc, x)
         w = params["w"]
         if jnp.ndim(x) < 1 or jnp.shape(x)[-1] != w.shape[0]:
             fail(

@@ -19,7 +19,7 @@ from jax.nn import initializers
 from fnn.model.core import Layer, fail, is_training, make_layer, signature
 from fnn.model.layers.pool import broadcast_mask, mask_error
 from fnn.model.options import number
-from fnn.model.shapes import axes_arg, check_shape, non_batch_axes
+from fnn.model.shapes import axes_arg, check_real, check_shape, non_batch_axes
 from fnn.model.state import declare_state, read_state, write_state
 
 
@@ -117,7 +117,7 @@ def LayerNorm(
     Raises:
       ValueError: for a bad option.
       ShapeError: if ``axis`` does not fit the input, its sizes are unknown, or
-        (at apply) they differ from init's.
+        (at apply) they differ from init's or the input is complex.
 
     Examples:
       >>> import jax, jax.numpy as jnp, fnn
@@ -145,6 +145,7 @@ def LayerNorm(
 
     def apply_fn(params, x, **kwargs):
         x = jnp.asarray(x)
+        check_real(desc, x, integers=True)
         ax = _resolve(desc, axes, x.shape)
         if params:
             _check_features(desc, x, ax, next(iter(params.values())).shape)
@@ -204,6 +205,7 @@ def RMSNorm(
 
     def apply_fn(params, x, **kwargs):
         x = jnp.asarray(x)
+        check_real(desc, x, integers=True)
         ax = _resolve(desc, axes, x.shape)
         if params:
             _check_features(desc, x, ax, params["scale"].shape)
@@ -285,7 +287,8 @@ def BatchNorm(
     Raises:
       ValueError: for a bad option.
       ShapeError: if ``axis`` does not fit the input, at apply outside
-        :func:`fnn.with_state`, or for a mask that does not fit.
+        :func:`fnn.with_state`, for a complex input, or for a mask that does
+        not fit.
 
     Examples:
       >>> import jax, jax.numpy as jnp, fnn
@@ -319,6 +322,7 @@ def BatchNorm(
 
     def apply_fn(params, x, *, key=None, train=None, mask=None, **kwargs):
         x = jnp.asarray(x)
+        check_real(desc, x, integers=True)
         ax = _resolve(desc, axes, x.shape)
         state = read_state(desc)
         _check_features(desc, x, ax, state["mean"].shape)

@@ -22,7 +22,7 @@ from jax.nn import initializers
 
 from fnn.model.core import Layer, fail, make_layer, signature
 from fnn.model.options import positive_int
-from fnn.model.shapes import check_shape, expand_left
+from fnn.model.shapes import check_real, check_shape, expand_left
 
 
 class Cell(NamedTuple):
@@ -275,7 +275,8 @@ def RNN(
     Raises:
       TypeError: if ``cell`` is not a :class:`Cell`.
       ShapeError: at init or apply, for an input not of rank 3, unknown
-        features, or lengths/mask of the wrong shape.
+        features, or lengths/mask of the wrong shape; at apply, for an input
+        that is not real floating-point.
 
     Examples:
       >>> import jax, jax.numpy as jnp, fnn
@@ -324,6 +325,7 @@ def RNN(
                 f"expected input of shape (batch, time, features), got "
                 f"{getattr(x, 'shape', type(x).__name__)!r}.",
             )
+        check_real(desc, x)
         p = params[cell.name]
         batch, time, _ = x.shape
         valid = _step_mask(desc, batch, time, lengths, mask)
