@@ -277,8 +277,8 @@ def test_shape_errors():
     _, params = layer.init(jax.random.key(0), (-1, 4))
     with pytest.raises(
         fnn.ShapeError,
-        match=r"LayerNorm\(\): expected input with sizes \(4,\) on axes \(1,\), "
-        r"got shape \(2, 5\)",
+        match=r"LayerNorm\(\): expected input with sizes \(4,\) on axes \(1,\) "
+        r"\(the sizes of its params\), got shape \(2, 5\)",
     ):
         layer.apply(params, jnp.ones((2, 5)))
     model = fnn.with_state(fnn.BatchNorm())

@@ -18,7 +18,9 @@ from fnn.model.core import (
     describe,
     fail,
     init_child,
+    is_library,
     layer_name,
+    library_layer,
     make_layer,
 )
 from fnn.model.options import integer, positive_int
@@ -53,7 +55,8 @@ def named(name: str, layer: Layer) -> Layer:
         return init(key, input_shape)
 
     init_fn.fnn_key = name  # type: ignore[attr-defined]
-    return make_layer(layer_name(layer), describe(layer), init_fn, apply)
+    make = library_layer if is_library(layer) else make_layer
+    return make(layer_name(layer), describe(layer), init_fn, apply)
 
 
 def _child_keys(combinator: str, layers: tuple[Layer, ...]) -> list[str]:
@@ -125,7 +128,7 @@ def serial(*layers: Layer) -> Layer:
             x = apply_child(layer, k, places[i], params[k], x, key=sub, **kwargs)
         return x
 
-    return make_layer("serial", f"serial({len(layers)} layers)", init_fn, apply_fn)
+    return library_layer("serial", f"serial({len(layers)} layers)", init_fn, apply_fn)
 
 
 def parallel(*layers: Layer) -> Layer:
@@ -166,7 +169,7 @@ def parallel(*layers: Layer) -> Layer:
             )
         )
 
-    return make_layer("parallel", desc, init_fn, apply_fn)
+    return library_layer("parallel", desc, init_fn, apply_fn)
 
 
 def fan_out(n: int) -> Layer:
@@ -186,7 +189,7 @@ def fan_out(n: int) -> Layer:
     def apply_fn(params, x, **kwargs):
         return (x,) * n
 
-    return make_layer("fan_out", desc, init_fn, apply_fn)
+    return library_layer("fan_out", desc, init_fn, apply_fn)
 
 
 def _merge(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
@@ -237,7 +240,7 @@ def fan_in_sum() -> Layer:
             out = out + x
         return out
 
-    return make_layer("fan_in_sum", desc, init_fn, apply_fn)
+    return library_layer("fan_in_sum", desc, init_fn, apply_fn)
 
 
 def _concat_shape(
@@ -289,7 +292,7 @@ def fan_in_concat(axis: int = -1) -> Layer:
         _concat_shape(desc, _input_shapes(desc, xs), axis)
         return jnp.concatenate(xs, axis=axis)
 
-    return make_layer("fan_in_concat", desc, init_fn, apply_fn)
+    return library_layer("fan_in_concat", desc, init_fn, apply_fn)
 
 
 def residual(layer: Layer) -> Layer:
@@ -335,4 +338,4 @@ def residual(layer: Layer) -> Layer:
         keeps_shape(tuple(jnp.shape(x)), jax.tree.map(jnp.shape, y))
         return x + y
 
-    return make_layer("residual", desc, init_fn, apply_fn)
+    return library_layer("residual", desc, init_fn, apply_fn)

@@ -13,7 +13,7 @@ from fnn.model.core import (
     fail,
     init_child,
     layer_name,
-    make_layer,
+    library_layer,
 )
 from fnn.model.options import positive_int
 from fnn.model.shapes import shapes_agree
@@ -109,4 +109,4 @@ def repeat(layer: Layer, n: int) -> Layer:
             write_state(desc, new_state)
         return x
 
-    return make_layer("repeat", desc, init_fn, apply_fn)
+    return library_layer("repeat", desc, init_fn, apply_fn)

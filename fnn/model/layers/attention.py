@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax.nn import initializers
 
-from fnn.model.core import Layer, fail, make_layer, signature
+from fnn.model.core import Layer, fail, library_layer, signature
 from fnn.model.layers.dense import Dense
 from fnn.model.options import positive_int
 from fnn.model.shapes import check_real, check_shape, check_shapes, is_shape
@@ -269,4 +269,4 @@ def MultiHeadAttention(
         y = y.reshape((batch, q_len, qkv))
         return proj(params["out"]["w"].shape[1]).apply(params["out"], y)
 
-    return make_layer("attention", desc, init_fn, apply_fn)
+    return library_layer("attention", desc, init_fn, apply_fn)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.nn import initializers
 
-from fnn.model.core import Layer, fail, make_layer, signature
+from fnn.model.core import Layer, fail, library_layer, signature
 from fnn.model.options import positive_int
 from fnn.model.shapes import (
     check_real,
@@ -265,7 +265,7 @@ def Conv(
         )
         return _add_bias(params, y, use_bias)
 
-    return make_layer("conv", desc, init_fn, apply_fn)
+    return library_layer("conv", desc, init_fn, apply_fn)
 
 
 def ConvTranspose(
@@ -364,4 +364,4 @@ def ConvTranspose(
         )
         return _add_bias(params, y, use_bias)
 
-    return make_layer("conv_transpose", desc, init_fn, apply_fn)
+    return library_layer("conv_transpose", desc, init_fn, apply_fn)

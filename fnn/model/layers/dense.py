@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jax.nn import initializers
 
-from fnn.model.core import Layer, fail, make_layer, signature
+from fnn.model.core import Layer, fail, library_layer, signature
 from fnn.model.options import positive_int
 from fnn.model.shapes import check_real, check_shape, expand_left
 
@@ -76,7 +76,7 @@ def Dense(
         y = jnp.matmul(x, w)
         return y + expand_left(params["b"], y.ndim) if use_bias else y
 
-    return make_layer("dense", desc, init_fn, apply_fn)
+    return library_layer("dense", desc, init_fn, apply_fn)
 
 
 def Embed(
@@ -135,4 +135,4 @@ def Embed(
         rows = jnp.take(params["table"], jnp.where(bad, 0, ids), axis=0)
         return jnp.where(bad[..., None], jnp.nan, rows)
 
-    return make_layer("embed", desc, init_fn, apply_fn)
+    return library_layer("embed", desc, init_fn, apply_fn)

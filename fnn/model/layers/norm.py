@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.nn import initializers
 
-from fnn.model.core import Layer, fail, is_training, make_layer, signature
+from fnn.model.core import Layer, fail, is_training, library_layer, signature
 from fnn.model.layers.pool import broadcast_mask, mask_error
 from fnn.model.options import number
 from fnn.model.shapes import axes_arg, check_real, check_shape, non_batch_axes
@@ -41,12 +41,14 @@ def _features(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(shape[a] for a in axes)
 
 
-def _check_features(desc: str, x: jax.Array, axes: tuple[int, ...], want: Any) -> None:
+def _check_features(
+    desc: str, x: jax.Array, axes: tuple[int, ...], want: Any, source: str = "params"
+) -> None:
     if _features(x.shape, axes) != tuple(want):
         fail(
             desc,
-            f"expected input with sizes {tuple(want)!r} on axes {axes!r}, "
-            f"got shape {x.shape!r}.",
+            f"expected input with sizes {tuple(want)!r} on axes {axes!r} (the sizes "
+            f"of its {source}), got shape {x.shape!r}.",
         )
 
 
@@ -154,7 +156,7 @@ def LayerNorm(
         var = jnp.mean(jnp.square(xc - mean), ax, keepdims=True)
         return _affine((xc - mean) * lax.rsqrt(var + epsilon), params, x, ax)
 
-    return make_layer("layernorm", desc, init_fn, apply_fn)
+    return library_layer("layernorm", desc, init_fn, apply_fn)
 
 
 def RMSNorm(
@@ -213,7 +215,7 @@ def RMSNorm(
         ms = jnp.mean(jnp.square(xc), ax, keepdims=True)
         return _affine(xc * lax.rsqrt(ms + epsilon), params, x, ax)
 
-    return make_layer("rmsnorm", desc, init_fn, apply_fn)
+    return library_layer("rmsnorm", desc, init_fn, apply_fn)
 
 
 def _batch_stats(x, reduce_axes, mask, axis_name):
@@ -325,7 +327,7 @@ def BatchNorm(
         check_real(desc, x, integers=True)
         ax = _resolve(desc, axes, x.shape)
         state = read_state(desc)
-        _check_features(desc, x, ax, state["mean"].shape)
+        _check_features(desc, x, ax, state["mean"].shape, "running statistics")
         xc = _compute(x)
         if is_training(key, train):
             red = tuple(i for i in range(x.ndim) if i not in ax)
@@ -347,4 +349,4 @@ def BatchNorm(
             var = _broadcastable(state["var"], x.ndim, ax)
         return _affine((xc - mean) * lax.rsqrt(var + epsilon), params, x, ax)
 
-    return make_layer("batchnorm", desc, init_fn, apply_fn)
+    return library_layer("batchnorm", desc, init_fn, apply_fn)

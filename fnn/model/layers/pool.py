@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fnn.model.core import Layer, fail, make_layer, signature
+from fnn.model.core import Layer, fail, library_layer, signature
 from fnn.model.layers.conv import check_spatial_input, check_spatial_rank
 from fnn.model.options import as_int
 from fnn.model.shapes import (
@@ -182,7 +182,7 @@ def _window_pool(
         out_shape(shape)  # fails for an input smaller than the window
         return reduce(jnp.asarray(x), full_window, full_strides, full_pad)
 
-    return make_layer(kind, desc, init_fn, apply_fn)
+    return library_layer(kind, desc, init_fn, apply_fn)
 
 
 def MaxPool(
@@ -301,7 +301,7 @@ def _global_pool(kind: str, owner: str, axis: Any, masked: Callable, plain: Call
             fail(desc, detail)
         return masked(x, mask, ax)
 
-    return make_layer(kind, desc, init_fn, apply_fn)
+    return library_layer(kind, desc, init_fn, apply_fn)
 
 
 def GlobalMeanPool(axis: int | tuple[int, ...] = 1) -> Layer:

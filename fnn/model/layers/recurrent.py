@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.nn import initializers
 
-from fnn.model.core import Layer, fail, make_layer, signature
+from fnn.model.core import Layer, fail, library_layer, signature
 from fnn.model.options import positive_int
 from fnn.model.shapes import check_real, check_shape, expand_left
 
@@ -353,4 +353,4 @@ def RNN(
         out = jnp.swapaxes(ys, 0, 1) if return_sequences else last
         return (out, carry) if return_carry else out
 
-    return make_layer("rnn", desc, init_fn, apply_fn)
+    return library_layer("rnn", desc, init_fn, apply_fn)
