@@ -544,6 +544,21 @@ def test_wrong_output_claim_is_blamed_on_the_custom_layer():
     fnn.serial(fnn.Dense(3), _claims((-1, 1))).init(jax.random.key(0), (-1, 4))
 
 
+def test_check_layer_compares_the_claimed_output_shape():
+    with pytest.raises(fnn.ShapeError) as e:
+        fnn.check_layer(_claims((-1, 3)), (-1, 3))
+    assert str(e.value).startswith("First(): init claims the output shape (-1, 3)")
+    assert "apply returns (2, 1)" in str(e.value)
+
+
+def test_summary_and_check_layer_take_a_model_with_state():
+    model = _stateful()
+    text = fnn.summary(model, (-1, 2))
+    assert text.splitlines()[0].split()[-1] == "state"
+    assert text.splitlines()[-1].split() == ["total", "15", "6"]
+    assert fnn.check_layer(model, (-1, 2)).passed
+
+
 def test_apply_without_kwargs_is_explained():
     def init(key, shape):
         return shape, {}
