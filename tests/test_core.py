@@ -238,6 +238,32 @@ def test_numpy_integers_are_accepted_and_bools_refused(make):
         make(True)
 
 
+@pytest.mark.parametrize(
+    ("make", "owner", "name"),
+    [
+        (lambda v: fnn.Dense(2, use_bias=v), "Dense", "use_bias"),
+        (lambda v: fnn.Conv(2, (3,), use_bias=v), "Conv", "use_bias"),
+        (lambda v: fnn.ConvTranspose(2, (3,), use_bias=v), "ConvTranspose", "use_bias"),
+        (lambda v: fnn.LayerNorm(use_scale=v), "LayerNorm", "use_scale"),
+        (lambda v: fnn.BatchNorm(use_bias=v), "BatchNorm", "use_bias"),
+        (
+            lambda v: fnn.AvgPool((2,), count_include_pad=v),
+            "AvgPool",
+            "count_include_pad",
+        ),
+        (lambda v: fnn.MultiHeadAttention(2, causal=v), "MultiHeadAttention", "causal"),
+        (lambda v: fnn.RNN(fnn.GRUCell(2), reverse=v), "RNN", "reverse"),
+        (lambda v: fnn.RNN(fnn.GRUCell(2), return_carry=v), "RNN", "return_carry"),
+        (lambda v: fnn.fan_in_concat(axis=v), "fan_in_concat", "axis"),
+    ],
+)
+def test_flags_and_axes_go_through_the_option_parser(make, owner, name):
+    # "no" would be read as true, 1.0 as axis 1: both are refused
+    bad = 1.0 if name == "axis" else "no"
+    with pytest.raises(ValueError, match=rf"^{owner}: expected {name} to be an? "):
+        make(bad)
+
+
 def test_fan_in_concat_shapes():
     layer = fnn.fan_in_concat(axis=1)
     shape, _ = layer.init(None, ((-1, 3, 2), (-1, 4, 2)))

@@ -357,7 +357,13 @@ def test_mismatched_label_shape_is_a_clear_error():
         ),
         (
             lambda: losses.softmax_cross_entropy(f32(LOGITS), IDS, label_smoothing=1.5),
-            r"expected label_smoothing in \[0, 1\], got 1.5",
+            r"expected label_smoothing to be a number in \[0, 1\], got 1.5",
+        ),
+        (
+            lambda: losses.softmax_cross_entropy(
+                f32(LOGITS), IDS, label_smoothing=True
+            ),
+            r"expected label_smoothing to be a number in \[0, 1\], got True",
         ),
         (
             lambda: losses.sigmoid_binary_cross_entropy(

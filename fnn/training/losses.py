@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
+from fnn.model.options import number
+
 # --- masks ------------------------------------------------------------------------
 
 
@@ -185,10 +187,7 @@ def softmax_cross_entropy(
       Array([6.931472e-01, 2.000000e+04], dtype=float32)
     """
     where = "softmax_cross_entropy"
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(
-            f"{where}: expected label_smoothing in [0, 1], got {label_smoothing!r}."
-        )
+    label_smoothing = number(where, "label_smoothing", label_smoothing, low=0, high=1)
     logits, labels = jnp.asarray(logits), jnp.asarray(labels)
     if logits.ndim < 1:
         raise ValueError(f"{where}: expected logits with a class axis, got shape ().")

@@ -10,7 +10,7 @@ from jax.nn import initializers
 
 from fnn.model.core import Layer, fail, library_layer, signature
 from fnn.model.layers.dense import Dense
-from fnn.model.options import positive_int
+from fnn.model.options import boolean, positive_int
 from fnn.model.shapes import check_real, check_shape, check_shapes, is_shape
 
 
@@ -193,6 +193,8 @@ def MultiHeadAttention(
     num_heads = positive_int(owner, "num_heads", num_heads)
     qkv_features = positive_int(owner, "qkv_features", qkv_features, optional=True)
     out_features = positive_int(owner, "out_features", out_features, optional=True)
+    causal = boolean(owner, "causal", causal)
+    use_bias = boolean(owner, "use_bias", use_bias)
     options = {"qkv_features": qkv_features, "out_features": out_features}
     options = {k: v for k, v in options.items() if v is not None}
     if causal:

@@ -17,7 +17,7 @@ from jax import lax
 from jax.nn import initializers
 
 from fnn.model.core import Layer, fail, library_layer, signature
-from fnn.model.options import positive_int
+from fnn.model.options import boolean, positive_int
 from fnn.model.shapes import (
     check_real,
     check_shape,
@@ -205,6 +205,7 @@ def Conv(
       (2, 14, 14, 8)
     """
     features = positive_int("Conv", "features", features)
+    boolean("Conv", "use_bias", use_bias)
     ks, strides_t, dilation_t, pad = _window_options(
         "Conv", kernel_size, strides, dilation, padding
     )
@@ -322,6 +323,7 @@ def ConvTranspose(
       (2, 14, 14, 4)
     """
     features = positive_int("ConvTranspose", "features", features)
+    boolean("ConvTranspose", "use_bias", use_bias)
     ks, strides_t, dilation_t, pad = _window_options(
         "ConvTranspose", kernel_size, strides, dilation, padding
     )

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from jax.nn import initializers
 
 from fnn.model.core import Layer, fail, library_layer, signature
-from fnn.model.options import positive_int
+from fnn.model.options import boolean, positive_int
 from fnn.model.shapes import check_real, check_shape, expand_left
 
 
@@ -52,6 +52,7 @@ def Dense(
       (2, 5, 3)
     """
     features = positive_int("Dense", "features", features)
+    boolean("Dense", "use_bias", use_bias)
     desc = signature("Dense", features=features)
 
     def init_fn(key, input_shape):

@@ -18,13 +18,15 @@ from jax.nn import initializers
 
 from fnn.model.core import Layer, fail, is_training, library_layer, signature
 from fnn.model.layers.pool import broadcast_mask, mask_error
-from fnn.model.options import number
+from fnn.model.options import boolean, number
 from fnn.model.shapes import axes_arg, check_real, check_shape, non_batch_axes
 from fnn.model.state import declare_state, read_state, write_state
 
 
-def _check_epsilon(owner: str, epsilon: Any) -> None:
+def _check_options(owner: str, epsilon: Any, **flags: Any) -> None:
     number(owner, "epsilon", epsilon, low=0.0, low_open=True)
+    for name, value in flags.items():
+        boolean(owner, name, value)
 
 
 def _resolve(
@@ -131,7 +133,7 @@ def LayerNorm(
       >>> float(y.mean()), round(float(y.std()), 3)
       (0.0, 1.0)
     """
-    _check_epsilon("LayerNorm", epsilon)
+    _check_options("LayerNorm", epsilon, use_scale=use_scale, use_bias=use_bias)
     axes = axes_arg("LayerNorm", axis)
     shown = {"epsilon": epsilon} if epsilon != 1e-5 else {}
     shown |= {} if axis == -1 else {"axis": axis}
@@ -193,7 +195,7 @@ def RMSNorm(
       >>> [round(v, 4) for v in y[0].tolist()]
       [0.8485, 1.1314]
     """
-    _check_epsilon("RMSNorm", epsilon)
+    _check_options("RMSNorm", epsilon, use_scale=use_scale)
     axes = axes_arg("RMSNorm", axis)
     shown = {"epsilon": epsilon} if epsilon != 1e-5 else {}
     shown |= {} if axis == -1 else {"axis": axis}
@@ -303,7 +305,7 @@ def BatchNorm(
       >>> y, _ = model.apply(params, state, x)  # no key: running statistics
     """
     number("BatchNorm", "momentum", momentum, low=0.0, high=1.0, high_open=True)
-    _check_epsilon("BatchNorm", epsilon)
+    _check_options("BatchNorm", epsilon, use_scale=use_scale, use_bias=use_bias)
     axes = axes_arg("BatchNorm", axis)
     shown = {"momentum": momentum} if momentum != 0.99 else {}
     shown |= {"epsilon": epsilon} if epsilon != 1e-5 else {}

@@ -19,7 +19,7 @@ from jax import lax
 
 from fnn.model.core import Layer, fail, library_layer, signature
 from fnn.model.layers.conv import check_spatial_input, check_spatial_rank
-from fnn.model.options import as_int
+from fnn.model.options import as_int, boolean
 from fnn.model.shapes import (
     axes_arg,
     check_shape,
@@ -267,6 +267,7 @@ def AvgPool(
         count = lax.reduce_window(ones, 0.0, lax.add, window, strides, padding)
         return total / count
 
+    boolean("AvgPool", "count_include_pad", count_include_pad)
     shown = {} if count_include_pad else {"count_include_pad": False}
     return _window_pool(
         "avg_pool", "AvgPool", window, strides, padding, reduce, **shown

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.nn import initializers
 
 from fnn.model.core import Layer, fail, library_layer, signature
-from fnn.model.options import positive_int
+from fnn.model.options import boolean, positive_int
 from fnn.model.shapes import check_real, check_shape, expand_left
 
 
@@ -292,6 +292,9 @@ def RNN(
         raise TypeError(
             f"RNN: expected a cell such as fnn.GRUCell(8), got {type(cell).__name__}."
         )
+    reverse = boolean("RNN", "reverse", reverse)
+    return_sequences = boolean("RNN", "return_sequences", return_sequences)
+    return_carry = boolean("RNN", "return_carry", return_carry)
     options = {}
     if reverse:
         options["reverse"] = True
