@@ -207,3 +207,27 @@ def test_dropout_checks_its_key_inside_a_custom_combinator():
     with pytest.raises(fnn.ShapeError) as e:
         net.apply({"0_identity": {}, "1_layer": {}}, jnp.ones((1, 3)), key=None)
     assert str(e.value).startswith("Dropout(0.5) at serial[1]: expected key")
+
+
+def test_the_params_check_takes_dict_inputs_and_explains_an_untraceable_init():
+    def init(key, shape):
+        return (shape["x"][0], 2), {}
+
+    def apply(params, x, **kwargs):
+        return x["x"][:, :2]
+
+    net = fnn.serial(fnn.Layer(init, apply), fnn.Dense(3))
+    _, params = net.init(jax.random.key(0), {"x": (-1, 4)})
+    assert net.apply(params, {"x": jnp.ones((2, 4))}).shape == (2, 3)
+
+    def concrete_init(key, shape):  # float() needs a concrete key
+        return shape, {"a": float(jax.random.normal(key))}
+
+    net = fnn.serial(fnn.Layer(concrete_init, lambda p, x, **kw: x * p["a"]))
+    _, params = net.init(jax.random.key(0), (-1, 4))
+    with pytest.raises(jax.errors.ConcretizationTypeError) as e:
+        net.apply(params, jnp.ones((2, 4)))
+    assert any(
+        n.startswith("fnn: raised by the init of serial(1 layers) under jax.eval_shape")
+        for n in e.value.__notes__
+    )

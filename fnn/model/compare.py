@@ -177,14 +177,17 @@ def mismatch(name: str, diff: TreeDiff, owners: dict, x_shape: Any) -> str:
 
 
 def apply_shape(x: Any) -> Any:
-    """The shape of an apply input, a tuple of shapes for a tuple of inputs."""
+    """The shape of an apply input: a tuple of shapes for a tuple of inputs, a
+    dict of shapes for a dict."""
     if isinstance(x, (tuple, list)):
         return tuple(apply_shape(v) for v in x)
+    if isinstance(x, Mapping):
+        return {k: apply_shape(v) for k, v in x.items()}
     return tuple(int(d) for d in np.shape(x))
 
 
 def input_spec(x: Any) -> Any:
-    """The shape of an apply input (a tuple of shapes for a tuple) as init takes it.
+    """The shape of an apply input as init takes it (see :func:`apply_shape`).
 
     The leading (batch) dimension of an input of rank 2 or more becomes ``-1``,
     as does an empty one, so the params are checked for any batch size.
@@ -197,6 +200,8 @@ def input_spec(x: Any) -> Any:
     """
     if isinstance(x, (tuple, list)):
         return tuple(input_spec(v) for v in x)
+    if isinstance(x, Mapping):
+        return {k: input_spec(v) for k, v in x.items()}
     shape = apply_shape(x)
     if len(shape) >= 2 or shape[:1] == (0,):
         shape = (-1, *shape[1:])

@@ -330,6 +330,28 @@ def expected_trees(fn: Callable[[], Any]) -> tuple[Any, dict]:
     return out, owners
 
 
+def init_aside(
+    desc: str, spec: Any, fn: Callable[[], Any], cause: Exception | None
+) -> tuple[Any, dict] | None:
+    """:func:`expected_trees` of ``fn`` (which runs an init for input ``spec``).
+
+    Returns ``None`` when it fails after apply failed (``cause``): apply's error
+    stands. Otherwise init's error propagates, with a note unless it is a
+    :class:`ShapeError` (which already says why the input does not fit).
+    """
+    try:
+        return expected_trees(fn)
+    except Exception as e:
+        if cause is not None:
+            return None
+        if not isinstance(e, ShapeError):
+            e.add_note(
+                f"fnn: raised by the init of {desc} under jax.eval_shape for the "
+                f"input shape {spec!r}, to check what its apply was given."
+            )
+        raise
+
+
 def _check_params(
     owner: Callable, desc: str, init: InitFn, params: Params, x: Any, cause: Any
 ) -> None:
@@ -337,12 +359,10 @@ def _check_params(
     sig = (spec, compare.signature_of(params))
     if getattr(owner, "fnn_verified", None) == sig:
         return
-    try:
-        expected, owners = expected_trees(lambda: init(jax.random.key(0), spec)[1])
-    except Exception:
-        if cause is None:
-            raise  # init refuses an input that apply took
+    found = init_aside(desc, spec, lambda: init(jax.random.key(0), spec)[1], cause)
+    if found is None:
         return  # the error of apply stands
+    expected, owners = found
     diff = compare.tree_diff(expected, params)
     if diff:
         detail = compare.mismatch("params", diff, owners, compare.apply_shape(x))

@@ -32,9 +32,9 @@ from fnn.model.core import (
     check_key,
     checked,
     describe,
-    expected_trees,
     fail,
     fit_error,
+    init_aside,
 )
 from fnn.model.place import applying, current_keys, state_frame
 
@@ -224,12 +224,10 @@ def _check_fit(owner, desc: str, init, params, state, x, cause) -> None:
         (_, p), s = run_init(lambda: init(jax.random.key(0), spec))
         return p, s
 
-    try:
-        (want_params, want_state), owners = expected_trees(initial)
-    except Exception:
-        if cause is None:
-            raise  # init refuses an input that apply took
+    found = init_aside(desc, spec, initial, cause)
+    if found is None:
         return  # the error of apply stands
+    (want_params, want_state), owners = found
     p_diff = compare.tree_diff(want_params, params)
     s_diff = compare.tree_diff(want_state, state)
     shape = compare.apply_shape(x)
