@@ -296,7 +296,12 @@ def checked(run: Callable[[], Any], check: Callable[[Any], None]) -> Any:
     try:
         y = run()
     except Exception as e:
-        check(e)
+        try:
+            check(e)
+        except ShapeError:
+            raise  # the params do not fit: that is why run failed
+        except Exception:
+            pass  # the check could not run either: run's error stands
         raise
     check(None)
     return y
