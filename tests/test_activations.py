@@ -212,11 +212,11 @@ def test_axis_error_names_place_and_fires_at_apply():
     [
         (
             lambda: fnn.LeakyRelu("0.1"),
-            "LeakyRelu: expected negative_slope to be a finite",
+            "LeakyRelu: expected negative_slope to be a finite number",
         ),
         (
             lambda: fnn.LeakyRelu(True),
-            "LeakyRelu: expected negative_slope to be a finite",
+            "LeakyRelu: expected negative_slope to be a finite number",
         ),
         (lambda: fnn.Swish(float("nan")), "Swish: expected beta to be a finite number"),
         (lambda: fnn.Elu(None), "Elu: expected alpha to be a finite number"),

@@ -181,10 +181,13 @@ def test_inside_serial_receives_mask():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"num_heads": 0}, r"MultiHeadAttention: expected a positive num_heads"),
+        (
+            {"num_heads": 0},
+            r"MultiHeadAttention: expected num_heads to be a positive int",
+        ),
         (
             {"num_heads": 2, "qkv_features": -3},
-            r"MultiHeadAttention: expected a positive qkv_features",
+            r"MultiHeadAttention: expected qkv_features to be a positive int",
         ),
     ],
 )
@@ -253,3 +256,13 @@ def test_float64_matches_numpy_closely():
         chex.assert_type(got, jnp.float64)
         want = _np_attention(params, x, x, 2, mask=mask)
         np.testing.assert_allclose(got, want, rtol=RTOL_F64, atol=ATOL_F64)
+
+
+def test_complex_input_is_refused_with_the_place():
+    net = fnn.serial(fnn.Identity(), fnn.MultiHeadAttention(2))
+    _, params = net.init(jax.random.key(0), (-1, 3, 4))
+    with pytest.raises(fnn.ShapeError) as e:
+        jax.jit(net.apply)(params, jnp.ones((2, 3, 4), jnp.complex64))
+    assert str(e.value).startswith(
+        "MultiHeadAttention(2) at serial[1]: expected a real input, got dtype complex64"
+    )

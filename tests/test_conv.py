@@ -325,3 +325,40 @@ def test_kernel_layout_and_default_init_scale():
     fan_in = 3 * 3 * 32
     # LeCun normal: variance 1 / fan_in (truncated normal, so a loose bound)
     assert abs(float(params["w"].std()) * math.sqrt(fan_in) - 1.0) < 0.05
+
+
+@pytest.mark.parametrize(
+    ("layer", "x_shape", "window"),
+    [
+        (fnn.Conv(2, (3,), padding="VALID"), (2, 2, 1), "(3,)"),
+        (fnn.Conv(2, (2,), padding="VALID", dilation=2), (2, 2, 1), "(3,)"),
+        (fnn.ConvTranspose(2, (3,), padding=((0, 0),)), (2, 1, 1), "(3,)"),
+    ],
+    ids=["conv", "dilated", "transpose"],
+)
+def test_input_too_small_for_the_kernel_at_apply(layer, x_shape, window):
+    # init saw 5 steps; apply gets fewer, which would leave an empty output
+    net = fnn.serial(fnn.Identity(), layer, fnn.GlobalMeanPool())
+    _, params = net.init(jax.random.key(0), (-1, 5, 1))
+    with pytest.raises(fnn.ShapeError) as e:
+        jax.jit(net.apply)(params, jnp.ones(x_shape))
+    message = str(e.value)
+    assert message.startswith(f"{layer!r} at serial[1]: ")
+    assert f"input of shape {x_shape!r} is too small" in message
+    assert f"the window {window}" in message
+
+
+@pytest.mark.parametrize("make", [fnn.Conv, fnn.ConvTranspose])
+@pytest.mark.parametrize(
+    ("dtype", "detail"),
+    [
+        (jnp.complex64, "expected a real input, got dtype complex64"),
+        (jnp.int32, "expected a floating-point input, got dtype int32"),
+    ],
+)
+def test_conv_refuses_complex_and_integer_inputs(make, dtype, detail):
+    net = fnn.serial(fnn.Identity(), make(2, (3,)))
+    _, params = net.init(jax.random.key(0), (-1, 4, 1))
+    with pytest.raises(fnn.ShapeError) as e:
+        jax.jit(net.apply)(params, jnp.ones((2, 4, 1), dtype))
+    assert str(e.value).startswith(f"{make.__name__}(2, (3,)) at serial[1]: {detail}")

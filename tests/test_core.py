@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import fnn
+from fnn.model.core import layer_name
 from fnn.model.summary import count_params
 
 from suite import check_layer_properties
@@ -60,6 +61,21 @@ def test_embed_looks_up_rows_and_bad_ids_are_nan():
     got = layer.apply(params, jnp.array([3, 0, 4]))
     np.testing.assert_array_equal(got[:2], table[[3, 0]])
     assert np.isnan(np.asarray(got[2])).all()
+
+
+def test_embed_negative_ids_are_nan_with_zero_gradient():
+    layer = fnn.Embed(4, 2)
+    _, params = layer.init(jax.random.key(0), (-1,))
+    ids = jnp.array([-1, -4, 4, 1])  # -1 and -4 would wrap to rows 3 and 0
+    got = np.asarray(layer.apply(params, ids))
+    assert np.isnan(got[:3]).all()
+    np.testing.assert_array_equal(got[3], np.asarray(params["table"])[1])
+    grad = jax.grad(lambda t: jnp.nansum(layer.apply({"table": t}, ids)))(
+        params["table"]
+    )
+    want = np.zeros((4, 2), np.float32)
+    want[1] = 1.0
+    np.testing.assert_array_equal(grad, want)
 
 
 def test_embed_rejects_float_ids():
@@ -223,6 +239,32 @@ def test_numpy_integers_are_accepted_and_bools_refused(make):
         make(True)
 
 
+@pytest.mark.parametrize(
+    ("make", "owner", "name"),
+    [
+        (lambda v: fnn.Dense(2, use_bias=v), "Dense", "use_bias"),
+        (lambda v: fnn.Conv(2, (3,), use_bias=v), "Conv", "use_bias"),
+        (lambda v: fnn.ConvTranspose(2, (3,), use_bias=v), "ConvTranspose", "use_bias"),
+        (lambda v: fnn.LayerNorm(use_scale=v), "LayerNorm", "use_scale"),
+        (lambda v: fnn.BatchNorm(use_bias=v), "BatchNorm", "use_bias"),
+        (
+            lambda v: fnn.AvgPool((2,), count_include_pad=v),
+            "AvgPool",
+            "count_include_pad",
+        ),
+        (lambda v: fnn.MultiHeadAttention(2, causal=v), "MultiHeadAttention", "causal"),
+        (lambda v: fnn.RNN(fnn.GRUCell(2), reverse=v), "RNN", "reverse"),
+        (lambda v: fnn.RNN(fnn.GRUCell(2), return_carry=v), "RNN", "return_carry"),
+        (lambda v: fnn.fan_in_concat(axis=v), "fan_in_concat", "axis"),
+    ],
+)
+def test_flags_and_axes_go_through_the_option_parser(make, owner, name):
+    # "no" would be read as true, 1.0 as axis 1: both are refused
+    bad = 1.0 if name == "axis" else "no"
+    with pytest.raises(ValueError, match=rf"^{owner}: expected {name} to be an? "):
+        make(bad)
+
+
 def test_fan_in_concat_shapes():
     layer = fnn.fan_in_concat(axis=1)
     shape, _ = layer.init(None, ((-1, 3, 2), (-1, 4, 2)))
@@ -244,6 +286,10 @@ def test_rng_keys_differ_per_child_and_none_stays_none():
     probe = fnn.Layer(init, apply)
     net = fnn.serial(probe, probe)
     net.apply({"0_layer": {}, "1_layer": {}}, jnp.ones(2))
+    # The first apply also checks the params against init, which traces the
+    # apply of each layer that is not fnn's own (without a key) once.
+    seen.clear()
+    net.apply({"0_layer": {}, "1_layer": {}}, jnp.ones(2))
     assert seen == [None, None]
     seen.clear()
     net.apply({"0_layer": {}, "1_layer": {}}, jnp.ones(2), key=jax.random.key(0))
@@ -258,7 +304,8 @@ def test_kwargs_reach_every_child():
         return shape, {}
 
     def apply(params, x, *, flag=None, **kwargs):
-        seen.append(flag)
+        if flag is not None:  # not the trace of the params check, without flag
+            seen.append(flag)
         return x
 
     probe = fnn.Layer(init, apply)
@@ -322,3 +369,70 @@ def test_stateless_network_never_sees_state():
     out = net.init(jax.random.key(0), (-1, 3))
     assert len(out) == 2
     assert net.apply(out[1], jnp.ones((1, 3))).shape == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("layer", "xs", "message"),
+    [
+        (
+            fnn.fan_in_sum(),
+            (jnp.ones((2, 3)), jnp.ones((2, 1))),
+            r"fan_in_sum\(\) at serial\[1\]: branch 0 has shape \(2, 3\) but branch "
+            r"1 has \(2, 1\)",
+        ),
+        (
+            fnn.fan_in_concat(),
+            (jnp.ones((2, 3)), jnp.ones((3, 1))),
+            r"fan_in_concat\(axis=-1\) at serial\[1\]: branch 0 has shape \(2, 3\) "
+            r"but branch 1 has \(3, 1\)",
+        ),
+        (
+            fnn.fan_in_sum(),
+            (),
+            r"fan_in_sum\(\) at serial\[1\]: expected a tuple of inputs .*, got an "
+            r"empty tuple",
+        ),
+    ],
+)
+def test_fan_in_checks_shapes_at_apply_under_jit(layer, xs, message):
+    net = fnn.serial(fnn.Identity(), layer)
+    with pytest.raises(fnn.ShapeError, match=message):
+        jax.jit(net.apply)({"0_identity": {}, "1_" + layer_name(layer): {}}, xs)
+
+
+def test_residual_checks_the_shape_at_apply():
+    def init(key, shape):  # claims to keep the shape, returns one column
+        return shape, {}
+
+    def apply(params, x, **kwargs):
+        return x[:, :1]
+
+    block = fnn.residual(fnn.Layer(init, apply))
+    with pytest.raises(
+        fnn.ShapeError,
+        match=r"residual\(layer\(\.\.\.\)\): the inner layer maps shape \(2, 3\) to "
+        r"\(2, 1\)",
+    ):
+        block.apply({"layer": {}}, jnp.ones((2, 3)))
+
+
+def test_residual_refuses_a_tuple_of_inputs():
+    block = fnn.residual(fnn.parallel(fnn.Identity(), fnn.Identity()))
+    with pytest.raises(fnn.ShapeError, match=r"expected one input shape"):
+        block.init(None, ((-1, 2), (-1, 2)))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "detail"),
+    [
+        (jnp.complex64, "expected a real input, got dtype complex64"),
+        (jnp.int32, "expected a floating-point input, got dtype int32"),
+        (jnp.bool_, "expected a floating-point input, got dtype bool"),
+    ],
+)
+def test_dense_refuses_complex_and_integer_inputs(dtype, detail):
+    net = fnn.serial(fnn.Identity(), fnn.Dense(2))
+    _, params = net.init(jax.random.key(0), (-1, 3))
+    with pytest.raises(fnn.ShapeError) as e:
+        jax.jit(net.apply)(params, jnp.ones((2, 3), dtype))
+    assert str(e.value).startswith(f"Dense(features=2) at serial[1]: {detail}")

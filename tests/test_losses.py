@@ -213,6 +213,23 @@ def test_all_masked_gives_zero_sum_zero_weight_and_no_nan():
     assert float(losses.accuracy(f32(LOGITS[:3]), IDS[:3], none)) == 0.0
 
 
+@pytest.mark.parametrize("value", [np.nan, -1.0, 0.5, 2.0])
+def test_a_mask_value_other_than_0_or_1_gives_nan_not_a_valid_entry(value):
+    x = f32(np.array([1.0, 2.0, 4.0]))
+    mask = f32(np.array([1.0, value, 0.0]))
+    s, w = losses.sum_and_weight(x, mask)
+    assert np.isnan(float(s)) and np.isnan(float(w))
+    assert np.isnan(float(losses.mean(x, mask)))
+    per = losses.squared_error(x, f32(np.zeros(3)), mask)
+    assert np.isnan(np.asarray(per)).tolist() == [False, True, False]
+    logits = f32(LOGITS[:3])
+    per = losses.softmax_cross_entropy(logits, IDS[:3], mask)
+    assert np.isnan(np.asarray(per)).tolist() == [False, True, False]
+    # integer and boolean masks of 0 and 1 are masks, as before
+    s, w = losses.sum_and_weight(x, jnp.array([1, 1, 0]))
+    assert (float(s), float(w)) == (3.0, 2.0)
+
+
 def test_sum_and_weight_accumulates_exactly_over_uneven_microbatches():
     per = RNG.normal(size=(8,))
     mask = np.array([1, 1, 1, 1, 1, 0, 0, 0], bool)  # 4 valid, then 1 valid
@@ -340,7 +357,13 @@ def test_mismatched_label_shape_is_a_clear_error():
         ),
         (
             lambda: losses.softmax_cross_entropy(f32(LOGITS), IDS, label_smoothing=1.5),
-            r"expected label_smoothing in \[0, 1\], got 1.5",
+            r"expected label_smoothing to be a number in \[0, 1\], got 1.5",
+        ),
+        (
+            lambda: losses.softmax_cross_entropy(
+                f32(LOGITS), IDS, label_smoothing=True
+            ),
+            r"expected label_smoothing to be a number in \[0, 1\], got True",
         ),
         (
             lambda: losses.sigmoid_binary_cross_entropy(

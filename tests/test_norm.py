@@ -252,9 +252,15 @@ def test_properties(layer, in_shape, kwargs):
 @pytest.mark.parametrize(
     "make, match",
     [
-        (lambda: fnn.LayerNorm(epsilon=0.0), "LayerNorm: expected a positive epsilon"),
+        (
+            lambda: fnn.LayerNorm(epsilon=0.0),
+            r"LayerNorm: expected epsilon to be a number > 0\.0, got 0\.0",
+        ),
         (lambda: fnn.RMSNorm(axis="x"), "RMSNorm: expected an int axis"),
-        (lambda: fnn.BatchNorm(momentum=1.0), r"BatchNorm: expected momentum in"),
+        (
+            lambda: fnn.BatchNorm(momentum=1.0),
+            r"BatchNorm: expected momentum to be a number in \[0\.0, 1\.0\), got 1\.0",
+        ),
     ],
 )
 def test_constructor_errors(make, match):
@@ -271,8 +277,8 @@ def test_shape_errors():
     _, params = layer.init(jax.random.key(0), (-1, 4))
     with pytest.raises(
         fnn.ShapeError,
-        match=r"LayerNorm\(\): expected input with sizes \(4,\) on axes \(1,\), "
-        r"got shape \(2, 5\)",
+        match=r"LayerNorm\(\): expected input with sizes \(4,\) on axes \(1,\) "
+        r"\(the sizes of its params\), got shape \(2, 5\)",
     ):
         layer.apply(params, jnp.ones((2, 5)))
     model = fnn.with_state(fnn.BatchNorm())
@@ -299,3 +305,18 @@ def test_running_statistics_carried_through_scan():
     chex.assert_trees_all_close(
         final, {"mean": mean, "var": var}, rtol=RTOL_F32, atol=ATOL_F32
     )
+
+
+@pytest.mark.parametrize(
+    "layer", [fnn.LayerNorm(), fnn.RMSNorm()], ids=["LayerNorm", "RMSNorm"]
+)
+def test_norms_refuse_complex_inputs(layer):
+    net = fnn.serial(fnn.Identity(), layer)
+    _, params = net.init(jax.random.key(0), (-1, 3))
+    with pytest.raises(fnn.ShapeError) as e:
+        jax.jit(net.apply)(params, jnp.ones((2, 3), jnp.complex64))
+    assert str(e.value).startswith(
+        f"{layer!r} at serial[1]: expected a real input, got dtype complex64"
+    )
+    # integers are normalised in floating point, as before
+    assert net.apply(params, jnp.arange(6).reshape(2, 3)).dtype == jnp.float32

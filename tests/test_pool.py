@@ -226,3 +226,27 @@ def test_errors():
         fnn.MaxPool(2)
     with pytest.raises(ValueError, match="GlobalMeanPool: expected an int axis"):
         fnn.GlobalMeanPool(axis="time")
+
+
+@pytest.mark.parametrize("make", [fnn.MaxPool, fnn.AvgPool])
+def test_input_smaller_than_the_window_at_apply(make):
+    # init saw (-1, 5, 1); apply gets 2 steps, which would leave an empty output
+    net = fnn.serial(fnn.Identity(), make((3,)))
+    _, params = net.init(None, (-1, 5, 1))
+    with pytest.raises(fnn.ShapeError) as e:
+        jax.jit(net.apply)(params, jnp.ones((2, 2, 1)))
+    message = str(e.value)
+    assert message.startswith(f"{make.__name__}((3,)) at serial[1]: ")
+    assert "input of shape (2, 2, 1) is smaller than the window (3,)" in message
+
+
+@pytest.mark.parametrize("make", [fnn.GlobalMeanPool, fnn.GlobalMaxPool])
+def test_global_pool_over_an_empty_axis(make):
+    net = fnn.serial(fnn.Identity(), make())
+    _, params = net.init(None, (-1, 4, 3))
+    for mask in (None, jnp.ones((2, 0), bool)):
+        with pytest.raises(fnn.ShapeError) as e:
+            jax.jit(net.apply)(params, jnp.ones((2, 0, 3)), mask=mask)
+        message = str(e.value)
+        assert message.startswith(f"{make.__name__}(axis=1) at serial[1]: ")
+        assert "(1,)" in message and "(2, 0, 3)" in message

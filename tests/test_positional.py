@@ -85,7 +85,10 @@ def _kind(layer):
 
 
 def test_bad_arguments_and_shapes():
-    with pytest.raises(ValueError, match=r"LearnedPositionalEmbedding: expected a"):
+    with pytest.raises(
+        ValueError,
+        match=r"LearnedPositionalEmbedding: expected max_len to be a positive",
+    ):
         fnn.LearnedPositionalEmbedding(0, 3)
     with pytest.raises(ValueError, match=r"SinusoidalPositionalEmbedding: expected"):
         fnn.SinusoidalPositionalEmbedding(max_len=-1)

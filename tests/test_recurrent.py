@@ -234,9 +234,13 @@ def test_params_and_carry_shapes():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match=r"GRUCell: expected features to be"):
+    with pytest.raises(
+        ValueError, match=r"GRUCell: expected features to be a positive int"
+    ):
         fnn.GRUCell(0)
-    with pytest.raises(ValueError, match=r"LSTMCell: expected features to be"):
+    with pytest.raises(
+        ValueError, match=r"LSTMCell: expected features to be a positive int"
+    ):
         fnn.LSTMCell(2.5)
     with pytest.raises(TypeError, match=r"RNN: expected a cell such as"):
         fnn.RNN(fnn.Dense(3))
@@ -267,3 +271,14 @@ def test_bad_inputs_name_the_layer():
         net.apply(params, x, mask=jnp.ones((2, 3), bool))
     with pytest.raises(fnn.ShapeError, match=r"either lengths= or mask=, not both"):
         net.apply(params, x, lengths=jnp.array([1, 2]), mask=jnp.ones((2, 4), bool))
+
+
+def test_complex_input_is_refused_with_the_place():
+    net = fnn.serial(fnn.Identity(), fnn.RNN(fnn.GRUCell(3)))
+    _, params = net.init(jax.random.key(0), (-1, 4, 2))
+    with pytest.raises(fnn.ShapeError) as e:
+        jax.jit(net.apply)(params, jnp.ones((2, 4, 2), jnp.complex64))
+    assert str(e.value).startswith(
+        "RNN(GRUCell(features=3)) at serial[1]: expected a real input, got dtype "
+        "complex64"
+    )

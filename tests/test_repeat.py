@@ -155,7 +155,10 @@ def test_compiled_program_does_not_grow_with_n():
 
 
 def test_bad_arguments_and_shapes():
-    with pytest.raises(ValueError, match=r"repeat: expected n \(the number"):
+    with pytest.raises(
+        ValueError,
+        match=r"repeat: expected n \(the number of copies\) to be a positive",
+    ):
         fnn.repeat(_block(), 0)
     with pytest.raises(TypeError, match=r"repeat: argument 0 must be a layer"):
         fnn.repeat(fnn.Relu, 2)

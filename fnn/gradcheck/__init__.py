@@ -9,6 +9,7 @@ parameters and its input. The method is described in ``docs/gradcheck.md``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,6 +23,9 @@ from fnn.gradcheck import _fd as fd
 from fnn.gradcheck._report import GradCheckEntry, GradCheckReport, GradientCheckError
 from fnn.gradcheck.nonfinite import NonFiniteReport, find_nonfinite
 from fnn.gradcheck.step import StepCheckError, StepCheckReport, check_step
+from fnn.model import compare
+from fnn.model.core import check_output_shape, describe
+from fnn.model.state import StatefulModel
 
 __all__ = [
     "GradCheckEntry",
@@ -221,7 +225,9 @@ def check_layer(
 
     Args:
       layer: an ``(init, apply)`` pair: ``init(key, input_shape) ->
-        (output_shape, params)`` and ``apply(params, x, *, key=None) -> y``.
+        (output_shape, params)`` and ``apply(params, x, *, key=None) -> y``;
+        or a model from :func:`fnn.with_state`, checked in evaluation (no
+        ``key``) with its initial state held constant.
       input_shape: the input's shape, whose leading dimension may be ``-1``
         (replaced by 2), or a tuple of shapes for a layer with several inputs.
       key: a ``jax.random.key`` for ``init``; default ``jax.random.key(0)``.
@@ -242,6 +248,8 @@ def check_layer(
 
     Raises:
       GradientCheckError: if a gradient is wrong.
+      ShapeError: if the output shape ``init`` claims is not the one ``apply``
+        returns (``-1`` matching any batch).
       ValueError: as :func:`check_grads`.
 
     Examples:
@@ -259,7 +267,12 @@ def check_layer(
     multi = len(input_shape) > 0 and isinstance(input_shape[0], tuple | list)
     shapes = tuple(input_shape) if multi else (input_shape,)
     concrete = [tuple(LAYER_BATCH if d == -1 else d for d in s) for s in shapes]
-    _, params = init(jax.random.key(0) if key is None else key, input_shape)
+    key = jax.random.key(0) if key is None else key
+    if isinstance(layer, StatefulModel):  # evaluation, the state a constant
+        out_shape, params, state = init(key, input_shape)
+        apply = functools.partial(_apply_with_state, layer.apply, state)
+    else:
+        out_shape, params = init(key, input_shape)
     if x is None:
         dtypes = input_dtype if isinstance(input_dtype, tuple | list) else None
         xs = []
@@ -271,6 +284,8 @@ def check_layer(
                 xs.append(rng.standard_normal(s).astype(dt))
         x = tuple(xs) if multi else xs[0]
     out = jax.eval_shape(apply, params, x)
+    desc = describe(getattr(init, "fnn_layer", layer))
+    check_output_shape(desc, out_shape, compare.shape_tree(out), compare.shape_tree(x))
     proj = [rng.standard_normal(o.shape) for o in jax.tree.leaves(out)]
 
     def loss(p, inputs):
@@ -291,3 +306,7 @@ def check_layer(
         seed,
         names=("params", "x"),
     )
+
+
+def _apply_with_state(apply: Callable, state: Any, params: Any, x: Any) -> Any:
+    return apply(params, state, x)[0]

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from fnn.model.core import Layer, fail, make_layer, signature
+from fnn.model.core import Layer, fail, library_layer, signature
 from fnn.model.options import boolean, integer, number
 from fnn.model.shapes import check_shape
 
@@ -97,7 +97,7 @@ def _activation(
         check_axis(tuple(x.shape))
         return fn(x)
 
-    return make_layer(kind, desc, init_fn, apply_fn)
+    return library_layer(kind, desc, init_fn, apply_fn)
 
 
 def Sigmoid() -> Layer:

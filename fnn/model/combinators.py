@@ -18,11 +18,13 @@ from fnn.model.core import (
     describe,
     fail,
     init_child,
+    is_library,
     layer_name,
+    library_layer,
     make_layer,
 )
-from fnn.model.options import positive_int
-from fnn.model.shapes import check_shape, check_shapes, shapes_agree
+from fnn.model.options import integer, positive_int
+from fnn.model.shapes import check_shape, check_shapes, is_shape, shapes_agree
 
 
 def named(name: str, layer: Layer) -> Layer:
@@ -53,7 +55,8 @@ def named(name: str, layer: Layer) -> Layer:
         return init(key, input_shape)
 
     init_fn.fnn_key = name  # type: ignore[attr-defined]
-    return make_layer(layer_name(layer), describe(layer), init_fn, apply)
+    make = library_layer if is_library(layer) else make_layer
+    return make(layer_name(layer), describe(layer), init_fn, apply)
 
 
 def _child_keys(combinator: str, layers: tuple[Layer, ...]) -> list[str]:
@@ -125,7 +128,7 @@ def serial(*layers: Layer) -> Layer:
             x = apply_child(layer, k, places[i], params[k], x, key=sub, **kwargs)
         return x
 
-    return make_layer("serial", f"serial({len(layers)} layers)", init_fn, apply_fn)
+    return library_layer("serial", f"serial({len(layers)} layers)", init_fn, apply_fn)
 
 
 def parallel(*layers: Layer) -> Layer:
@@ -166,7 +169,7 @@ def parallel(*layers: Layer) -> Layer:
             )
         )
 
-    return make_layer("parallel", desc, init_fn, apply_fn)
+    return library_layer("parallel", desc, init_fn, apply_fn)
 
 
 def fan_out(n: int) -> Layer:
@@ -186,17 +189,38 @@ def fan_out(n: int) -> Layer:
     def apply_fn(params, x, **kwargs):
         return (x,) * n
 
-    return make_layer("fan_out", desc, init_fn, apply_fn)
+    return library_layer("fan_out", desc, init_fn, apply_fn)
 
 
 def _merge(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(x if x != -1 else y for x, y in zip(a, b))
 
 
+def _input_shapes(desc: str, xs: Any) -> tuple[tuple[int, ...], ...]:
+    """The shapes of apply's tuple of inputs; fails unless a non-empty tuple."""
+    if not isinstance(xs, (tuple, list)) or not xs:
+        got = "an empty tuple" if isinstance(xs, (tuple, list)) else type(xs).__name__
+        fail(desc, f"expected a tuple of inputs (from fan_out or parallel), got {got}.")
+    return tuple(tuple(jnp.shape(x)) for x in xs)
+
+
+def _sum_shape(desc: str, shapes: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
+    """The shape of the sum; fails unless all shapes agree (no broadcasting)."""
+    out = shapes[0]
+    for i, s in enumerate(shapes[1:], 1):
+        if not shapes_agree(out, s):
+            fail(desc, f"branch 0 has shape {shapes[0]!r} but branch {i} has {s!r}.")
+        out = _merge(out, s)
+    return out
+
+
 def fan_in_sum() -> Layer:
     """Sums a tuple of inputs of one shape.
 
-    Raises (at init):
+    Shapes are checked at init and again at apply (while tracing, so a jitted
+    step pays nothing): the inputs are never broadcast against each other.
+
+    Raises:
       ShapeError: if the inputs' shapes differ; the message names both branches.
 
     Examples:
@@ -207,72 +231,80 @@ def fan_in_sum() -> Layer:
     desc = "fan_in_sum()"
 
     def init_fn(rng, input_shape):
-        shapes = check_shapes(desc, input_shape)
-        out = shapes[0]
-        for i, s in enumerate(shapes[1:], 1):
-            if not shapes_agree(out, s):
-                fail(
-                    desc, f"branch 0 has shape {shapes[0]!r} but branch {i} has {s!r}."
-                )
-            out = _merge(out, s)
-        return out, {}
+        return _sum_shape(desc, check_shapes(desc, input_shape)), {}
 
     def apply_fn(params, xs, **kwargs):
+        _sum_shape(desc, _input_shapes(desc, xs))
         out = xs[0]
         for x in xs[1:]:
             out = out + x
         return out
 
-    return make_layer("fan_in_sum", desc, init_fn, apply_fn)
+    return library_layer("fan_in_sum", desc, init_fn, apply_fn)
+
+
+def _concat_shape(
+    desc: str, shapes: tuple[tuple[int, ...], ...], axis: int
+) -> tuple[int, ...]:
+    """The shape of the concatenation; fails unless all but ``axis`` agree."""
+    rank = len(shapes[0])
+    if not -rank <= axis < rank:
+        fail(desc, f"axis {axis} is out of range for inputs of rank {rank}.")
+    ax = axis % rank
+    out = list(shapes[0])
+    for i, s in enumerate(shapes[1:], 1):
+        others = [d for j, d in enumerate(s) if j != ax]
+        ref = [d for j, d in enumerate(shapes[0]) if j != ax]
+        if len(s) != rank or not shapes_agree(ref, others):
+            fail(
+                desc,
+                f"branch 0 has shape {shapes[0]!r} but branch {i} has {s!r}; "
+                f"all dimensions but axis {axis} must agree.",
+            )
+        out = [a if a != -1 else b for a, b in zip(out, s)]
+    if any(s[ax] == -1 for s in shapes):
+        out[ax] = -1
+    else:
+        out[ax] = sum(s[ax] for s in shapes)
+    return tuple(out)
 
 
 def fan_in_concat(axis: int = -1) -> Layer:
     """Concatenates a tuple of inputs along ``axis`` (default: the last, features).
 
-    Raises (at init):
-      ShapeError: if ranks differ or a dimension other than ``axis`` differs.
+    Raises:
+      ValueError: if ``axis`` is not an int.
+      ShapeError: at init or apply, if ranks differ or a dimension other than
+        ``axis`` differs.
 
     Examples:
       >>> import jax, fnn
       >>> fnn.fan_in_concat().init(jax.random.key(0), ((-1, 3), (-1, 4)))
       ((-1, 7), {})
     """
+    axis = integer("fan_in_concat", "axis", axis)
     desc = f"fan_in_concat(axis={axis})"
 
     def init_fn(rng, input_shape):
-        shapes = check_shapes(desc, input_shape)
-        rank = len(shapes[0])
-        if not -rank <= axis < rank:
-            fail(desc, f"axis {axis} is out of range for inputs of rank {rank}.")
-        ax = axis % rank
-        out = list(shapes[0])
-        for i, s in enumerate(shapes[1:], 1):
-            others = [d for j, d in enumerate(s) if j != ax]
-            ref = [d for j, d in enumerate(shapes[0]) if j != ax]
-            if len(s) != rank or not shapes_agree(ref, others):
-                fail(
-                    desc,
-                    f"branch 0 has shape {shapes[0]!r} but branch {i} has {s!r}; "
-                    f"all dimensions but axis {axis} must agree.",
-                )
-            out = [a if a != -1 else b for a, b in zip(out, s)]
-        if any(s[ax] == -1 for s in shapes):
-            out[ax] = -1
-        else:
-            out[ax] = sum(s[ax] for s in shapes)
-        return tuple(out), {}
+        return _concat_shape(desc, check_shapes(desc, input_shape), axis), {}
 
     def apply_fn(params, xs, **kwargs):
+        _concat_shape(desc, _input_shapes(desc, xs), axis)
         return jnp.concatenate(xs, axis=axis)
 
-    return make_layer("fan_in_concat", desc, init_fn, apply_fn)
+    return library_layer("fan_in_concat", desc, init_fn, apply_fn)
 
 
 def residual(layer: Layer) -> Layer:
     """``x + layer(x)``; the layer must keep the shape of its input.
 
-    Raises (at init):
-      ShapeError: if ``layer`` changes the shape.
+    The input is one array (a tuple of inputs would be concatenated by ``+``,
+    not added); the shapes are checked at init and again at apply, so the sum
+    never broadcasts.
+
+    Raises:
+      ShapeError: at init or apply, if ``layer`` changes the shape, or the
+        input is a tuple of inputs.
 
     Examples:
       >>> import jax, fnn
@@ -285,17 +317,25 @@ def residual(layer: Layer) -> Layer:
     k = getattr(layer[0], "fnn_key", None) or layer_name(layer)
     desc = f"residual({describe(layer)})"
 
-    def init_fn(rng, input_shape):
-        out, params = init_child(layer, k, "residual", rng, input_shape)
-        if not shapes_agree(out, input_shape):
+    def keeps_shape(shape: Any, out: Any) -> None:
+        if not (is_shape(out) and shapes_agree(out, shape)):
             fail(
                 desc,
-                f"the inner layer maps shape {input_shape!r} to {out!r}; "
+                f"the inner layer maps shape {shape!r} to {out!r}; "
                 "a residual block must keep the shape.",
             )
-        return input_shape, {k: params}
+
+    def init_fn(rng, input_shape):
+        shape = check_shape(desc, input_shape, min_rank=0)
+        out, params = init_child(layer, k, "residual", rng, shape)
+        keeps_shape(shape, out)
+        return shape, {k: params}
 
     def apply_fn(params, x, **kwargs):
-        return x + apply_child(layer, k, "residual", params[k], x, **kwargs)
+        if isinstance(x, (tuple, list)):
+            fail(desc, f"expected one input array, got a tuple of {len(x)}.")
+        y = apply_child(layer, k, "residual", params[k], x, **kwargs)
+        keeps_shape(tuple(jnp.shape(x)), jax.tree.map(jnp.shape, y))
+        return x + y
 
-    return make_layer("residual", desc, init_fn, apply_fn)
+    return library_layer("residual", desc, init_fn, apply_fn)

@@ -15,7 +15,7 @@ from fnn.model.core import (
     fail,
     init_child,
     layer_name,
-    make_layer,
+    library_layer,
 )
 from fnn.model.options import positive_int
 from fnn.model.remat import checkpointed
@@ -125,4 +125,4 @@ def repeat(layer: Layer, n: int, *, remat: bool | Callable[..., bool] = False) -
             write_state(desc, new_state)
         return x
 
-    return make_layer("repeat", desc, init_fn, apply_fn)
+    return library_layer("repeat", desc, init_fn, apply_fn)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from fnn.model.core import fail
 from fnn.model.options import as_int, int_tuple
@@ -58,6 +59,43 @@ def check_shapes(
     if n is not None and len(shapes) != n:
         fail(desc, f"expected {n} inputs, got {len(shapes)}: {shapes!r}.")
     return shapes
+
+
+def check_real(desc: str, x: Any, *, integers: bool = False) -> None:
+    """Fails for a complex input, and an integer or boolean one unless ``integers``.
+
+    Layers that multiply their input by weights (Dense, Conv, attention, RNN)
+    take real floating-point inputs only; normalisation layers also accept
+    integers. The check reads the dtype while tracing, so it is free under
+    ``jit``.
+
+    Raises:
+      ShapeError: naming ``desc`` and the dtype.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from fnn.model.shapes import check_real
+      >>> check_real("Dense(features=2)", jnp.ones(3, jnp.complex64))
+      Traceback (most recent call last):
+      ...
+      fnn.ShapeError: Dense(features=2): expected a real input, got dtype
+      complex64; fnn's layers compute with real numbers, so pass the real and
+      imaginary parts as features, e.g. jnp.concatenate([x.real, x.imag], -1).
+    """
+    dtype = x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        fail(
+            desc,
+            f"expected a real input, got dtype {dtype}; fnn's layers compute with "
+            "real numbers, so pass the real and imaginary parts as features, "
+            "e.g. jnp.concatenate([x.real, x.imag], -1).",
+        )
+    if not integers and not jnp.issubdtype(dtype, jnp.floating):
+        fail(
+            desc,
+            f"expected a floating-point input, got dtype {dtype}; convert it with "
+            "x.astype(jnp.float32) (token ids go through fnn.Embed).",
+        )
 
 
 def dims_agree(a: int, b: int) -> bool:

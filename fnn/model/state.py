@@ -21,13 +21,22 @@ of each iteration inside the scan. This is the design of Haiku's
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
 
-from fnn.model.core import Layer, current_keys, fail
+from fnn.model import compare
+from fnn.model.core import (
+    Layer,
+    check_key,
+    checked,
+    describe,
+    fail,
+    fit_error,
+    init_aside,
+)
+from fnn.model.place import applying, current_keys, state_frame
 
 
 class _StateFrame:
@@ -37,9 +46,7 @@ class _StateFrame:
         self.state_out: Any = {}
 
 
-_FRAME: contextvars.ContextVar[_StateFrame | None] = contextvars.ContextVar(
-    "fnn_state", default=None
-)
+_FRAME = state_frame  # the frame of the layer being run, or None (fnn.model.place)
 
 
 def _rel_keys(frame: _StateFrame) -> tuple[str, ...]:
@@ -159,6 +166,12 @@ class StatefulModel(NamedTuple):
 def with_state(layer: Layer) -> StatefulModel:
     """Threads running state (e.g. BatchNorm statistics) through ``layer``.
 
+    Its ``apply``, when it traces (or runs eagerly) for a new signature, checks
+    ``key``, and compares ``params`` and ``state`` by path and leaf shape with
+    what ``init`` makes for the input's shape, as a layer's outermost apply
+    does (see :func:`fnn.make_layer`); swapped params and state are named as
+    such.
+
     Args:
       layer: any layer, usually a network with stateful layers inside.
 
@@ -166,6 +179,9 @@ def with_state(layer: Layer) -> StatefulModel:
       A :class:`StatefulModel` whose ``init`` also returns the initial state and
       whose ``apply`` takes the state and returns the new one. A network
       without stateful layers gets the state ``{}``.
+
+    Raises:
+      ShapeError: at apply, when params or state do not fit the network.
 
     Examples:
       >>> import jax, jax.numpy as jnp, fnn
@@ -178,12 +194,51 @@ def with_state(layer: Layer) -> StatefulModel:
       (4, 3)
     """
     init, apply = layer
+    desc = f"with_state({describe(layer)})"
 
     def init_fn(key: jax.Array, input_shape: Any):
         (out_shape, params), state = run_init(lambda: init(key, input_shape))
         return out_shape, params, state
 
     def apply_fn(params: Any, state: Any, x: Any, **kwargs: Any):
-        return run_apply(lambda: apply(params, x, **kwargs), state)
+        with applying():
+            check_key(desc, kwargs.get("key"))
+            return checked(
+                lambda: run_apply(lambda: apply(params, x, **kwargs), state),
+                lambda cause: _check_fit(apply_fn, desc, init, params, state, x, cause),
+            )
 
+    init_fn.fnn_layer = layer  # type: ignore[attr-defined]
     return StatefulModel(init_fn, apply_fn)
+
+
+def _check_fit(owner, desc: str, init, params, state, x, cause) -> None:
+    """Fails unless params and state fit what ``init`` makes for ``x``'s shape."""
+    state = {} if state is None else state  # run_apply takes None for no state
+    spec = compare.input_spec(x)
+    sig = (spec, compare.signature_of(params, state))
+    if getattr(owner, "fnn_verified", None) == sig:
+        return
+
+    def initial() -> tuple[Any, Any]:
+        (_, p), s = run_init(lambda: init(jax.random.key(0), spec))
+        return p, s
+
+    found = init_aside(desc, spec, initial, cause)
+    if found is None:
+        return  # the error of apply stands
+    (want_params, want_state), owners = found
+    p_diff = compare.tree_diff(want_params, params)
+    s_diff = compare.tree_diff(want_state, state)
+    shape = compare.apply_shape(x)
+    if (p_diff or s_diff) and not (
+        compare.tree_diff(want_params, state) or compare.tree_diff(want_state, params)
+    ):
+        detail = "params and state are swapped; call apply(params, state, x)."
+        fit_error(desc, detail, cause)
+    elif p_diff:
+        fit_error(desc, compare.mismatch("params", p_diff, owners, shape), cause)
+    elif s_diff:
+        fit_error(desc, compare.mismatch("state", s_diff, owners, shape), cause)
+    elif cause is None:
+        owner.fnn_verified = sig  # type: ignore[attr-defined]

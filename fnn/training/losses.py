@@ -7,6 +7,13 @@ takes a ``mask`` for padding, of the loss's shape or a leading part of it (a
 Masked entries give a loss of exactly 0 and a gradient of exactly 0, even when
 the padded inputs hold garbage or NaN.
 
+A mask holds booleans, or numbers that are 1 (valid) or 0 (padding). It is not
+a weight: any other number (NaN, a negative or a fractional value) makes that
+entry's loss NaN, and the weight of :func:`sum_and_weight` NaN, so the training
+loop stops on the NaN loss instead of counting the entry as valid. To weight
+examples, multiply the per-example losses by the weights and divide by their
+sum.
+
 The training loop reduces with :func:`sum_and_weight`: it adds sums and weights
 (counts of valid entries) over microbatches and divides once, which gives
 exactly the gradient of the whole batch, however the padding falls.
@@ -25,16 +32,37 @@ Examples:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
+from fnn.model.options import number
+
 # --- masks ------------------------------------------------------------------------
 
 
+class _Mask(NamedTuple):
+    valid: jax.Array  # booleans: the entry counts
+    bad: jax.Array | None  # a number other than 0 or 1 (None for a bool mask)
+
+
+def _per_class(mask: _Mask | None) -> _Mask | None:
+    """A mask of ``(batch, ...)`` for values of ``(batch, ..., classes)``."""
+    if mask is None:
+        return None
+    bad = None if mask.bad is None else mask.bad[..., None]
+    return _Mask(mask.valid[..., None], bad)
+
+
 def _full_mask(where: str, mask: ArrayLike | None, shape: tuple[int, ...]):
-    """``mask`` as booleans of ``shape``; its shape must be a leading part of it."""
+    """``mask`` of ``shape``; its shape must be a leading part of it.
+
+    A number other than 0 and 1 (NaN, negative, fractional) is valid and
+    ``bad``: :func:`_finish` makes its loss NaN.
+    """
     if mask is None:
         return None
     mask = jnp.asarray(mask)
@@ -43,13 +71,26 @@ def _full_mask(where: str, mask: ArrayLike | None, shape: tuple[int, ...]):
             f"{where}: expected a mask of shape {shape!r} or a leading part of it, "
             f"got {mask.shape!r}."
         )
-    mask = mask.astype(bool).reshape(mask.shape + (1,) * (len(shape) - mask.ndim))
-    return jnp.broadcast_to(mask, shape)
+    bad = None if mask.dtype == jnp.bool_ else (mask != 0) & (mask != 1)
+
+    def full(m):
+        m = m.reshape(m.shape + (1,) * (len(shape) - m.ndim))
+        return jnp.broadcast_to(m, shape)
+
+    return _Mask(full(mask != 0), None if bad is None else full(bad))
 
 
-def _keep(mask: jax.Array | None, x: jax.Array) -> jax.Array:
+def _keep(mask: _Mask | None, x: jax.Array) -> jax.Array:
     """``x`` with masked entries replaced by 0 (so their gradient is 0, not NaN)."""
-    return x if mask is None else jnp.where(mask, x, jnp.zeros((), x.dtype))
+    return x if mask is None else jnp.where(mask.valid, x, jnp.zeros((), x.dtype))
+
+
+def _finish(mask: _Mask | None, loss: jax.Array) -> jax.Array:
+    """The loss: 0 at masked entries, NaN where the mask is neither 0 nor 1."""
+    loss = _keep(mask, loss)
+    if mask is None or mask.bad is None:
+        return loss
+    return jnp.where(mask.bad, jnp.full((), jnp.nan, loss.dtype), loss)
 
 
 def _same_shape(where: str, a: jax.Array, b: jax.Array, names: str) -> None:
@@ -87,7 +128,7 @@ def squared_error(
     p, t = jnp.asarray(predictions), jnp.asarray(targets)
     _same_shape("squared_error", p, t, "predictions and targets")
     m = _full_mask("squared_error", mask, p.shape)
-    return _keep(m, optax.losses.squared_error(_keep(m, p), _keep(m, t)))
+    return _finish(m, optax.losses.squared_error(_keep(m, p), _keep(m, t)))
 
 
 def mean_squared_error(
@@ -146,16 +187,13 @@ def softmax_cross_entropy(
       Array([6.931472e-01, 2.000000e+04], dtype=float32)
     """
     where = "softmax_cross_entropy"
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(
-            f"{where}: expected label_smoothing in [0, 1], got {label_smoothing!r}."
-        )
+    label_smoothing = number(where, "label_smoothing", label_smoothing, low=0, high=1)
     logits, labels = jnp.asarray(logits), jnp.asarray(labels)
     if logits.ndim < 1:
         raise ValueError(f"{where}: expected logits with a class axis, got shape ().")
     batch, classes = logits.shape[:-1], logits.shape[-1]
     m = _full_mask(where, mask, batch)
-    logits = _keep(None if m is None else m[..., None], logits)
+    logits = _keep(_per_class(m), logits)
     if labels.shape == batch:
         if not jnp.issubdtype(labels.dtype, jnp.integer):
             raise ValueError(
@@ -176,9 +214,9 @@ def softmax_cross_entropy(
                 jax.nn.one_hot(labels, classes, dtype=logits.dtype), label_smoothing
             )
             loss = optax.losses.softmax_cross_entropy(logits, target)
-        return _keep(m, jnp.where(bad, jnp.nan, loss))
+        return _finish(m, jnp.where(bad, jnp.nan, loss))
     elif labels.shape == logits.shape:
-        labels = _keep(None if m is None else m[..., None], labels.astype(logits.dtype))
+        labels = _keep(_per_class(m), labels.astype(logits.dtype))
     else:
         raise ValueError(
             f"{where}: expected labels of shape {batch!r} (integer ids) or "
@@ -187,7 +225,7 @@ def softmax_cross_entropy(
         )
     if label_smoothing:
         labels = optax.losses.smooth_labels(labels, label_smoothing)
-    return _keep(m, optax.losses.softmax_cross_entropy(logits, labels))
+    return _finish(m, optax.losses.softmax_cross_entropy(logits, labels))
 
 
 def sigmoid_binary_cross_entropy(
@@ -221,7 +259,7 @@ def sigmoid_binary_cross_entropy(
     _same_shape("sigmoid_binary_cross_entropy", z, y, "logits and labels")
     m = _full_mask("sigmoid_binary_cross_entropy", mask, z.shape)
     y = _keep(m, y.astype(z.dtype))
-    return _keep(m, optax.losses.sigmoid_binary_cross_entropy(_keep(m, z), y))
+    return _finish(m, optax.losses.sigmoid_binary_cross_entropy(_keep(m, z), y))
 
 
 # --- reductions -------------------------------------------------------------------
@@ -238,16 +276,22 @@ def sum_and_weight(
 
     Args:
       per_example: losses (or metrics) of any shape.
-      mask: ``True`` for valid entries; its shape or a leading part.
+      mask: ``True`` (or 1) for valid entries, ``False`` (or 0) for padding;
+        its shape or a leading part. Not a weight: any other value makes both
+        results NaN.
 
     Returns:
       ``(sum, weight)``, two scalars of ``per_example``'s float dtype. An
-      all-masked batch gives ``(0, 0)``.
+      all-masked batch gives ``(0, 0)``; a mask value other than 0 and 1 (NaN,
+      negative, fractional) gives ``(nan, nan)``, so the training loop stops
+      instead of counting the entry as valid.
 
     Examples:
       >>> import jax.numpy as jnp, fnn
       >>> fnn.losses.sum_and_weight(jnp.array([1.0, 2.0, 7.0]), jnp.array([1, 1, 0]))
       (Array(3., dtype=float32), Array(2., dtype=float32))
+      >>> fnn.losses.sum_and_weight(jnp.array([1.0, 2.0]), jnp.array([1.0, -1.0]))
+      (Array(nan, dtype=float32), Array(nan, dtype=float32))
     """
     return _sum_and_weight("sum_and_weight", per_example, mask)
 
@@ -259,7 +303,8 @@ def _sum_and_weight(where: str, per_example, mask):
     m = _full_mask(where, mask, x.shape)
     if m is None:
         return jnp.sum(x), jnp.asarray(x.size, x.dtype)
-    return jnp.sum(_keep(m, x)), jnp.sum(m, dtype=x.dtype)
+    weight = jnp.where(m.valid, jnp.ones((), x.dtype), jnp.zeros((), x.dtype))
+    return jnp.sum(_finish(m, x)), jnp.sum(_finish(m, weight))
 
 
 def mean(per_example: ArrayLike, mask: ArrayLike | None = None) -> jax.Array:

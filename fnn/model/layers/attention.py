@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 from jax.nn import initializers
 
-from fnn.model.core import Layer, fail, make_layer, signature
+from fnn.model.core import Layer, fail, library_layer, signature
 from fnn.model.layers.dense import Dense
-from fnn.model.options import positive_int
-from fnn.model.shapes import check_shape, check_shapes, is_shape
+from fnn.model.options import boolean, positive_int
+from fnn.model.shapes import check_real, check_shape, check_shapes, is_shape
 
 
 def _known_features(desc: str, shape: tuple[int, ...], what: str) -> int:
@@ -30,6 +30,7 @@ def _check_array(desc: str, x: Any, features: int, what: str) -> None:
             f"expected {what} of shape (batch, time, {features}), got "
             f"{shape if hasattr(x, 'shape') else type(x).__name__!r}.",
         )
+    check_real(desc, x)
 
 
 def _as_bool(desc: str, m: Any, what: str) -> jax.Array:
@@ -168,7 +169,8 @@ def MultiHeadAttention(
       ValueError: for a non-positive ``num_heads`` or feature size.
       ShapeError: at init or apply, for inputs not of rank 3, unknown feature
         sizes, ``qkv_features`` not divisible by ``num_heads``, inputs whose
-        batch sizes differ, or masks of the wrong shape or dtype.
+        batch sizes differ, inputs that are not real floating-point, or masks
+        of the wrong shape or dtype.
 
     Examples:
       >>> import jax, jax.numpy as jnp, fnn
@@ -191,6 +193,8 @@ def MultiHeadAttention(
     num_heads = positive_int(owner, "num_heads", num_heads)
     qkv_features = positive_int(owner, "qkv_features", qkv_features, optional=True)
     out_features = positive_int(owner, "out_features", out_features, optional=True)
+    causal = boolean(owner, "causal", causal)
+    use_bias = boolean(owner, "use_bias", use_bias)
     options = {"qkv_features": qkv_features, "out_features": out_features}
     options = {k: v for k, v in options.items() if v is not None}
     if causal:
@@ -267,4 +271,4 @@ def MultiHeadAttention(
         y = y.reshape((batch, q_len, qkv))
         return proj(params["out"]["w"].shape[1]).apply(params["out"], y)
 
-    return make_layer("attention", desc, init_fn, apply_fn)
+    return library_layer("attention", desc, init_fn, apply_fn)

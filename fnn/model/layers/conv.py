@@ -16,9 +16,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.nn import initializers
 
-from fnn.model.core import Layer, fail, make_layer, signature
-from fnn.model.options import positive_int
+from fnn.model.core import Layer, fail, library_layer, signature
+from fnn.model.options import boolean, positive_int
 from fnn.model.shapes import (
+    check_real,
     check_shape,
     expand_left,
     kernel_tuple,
@@ -85,6 +86,7 @@ def check_spatial_input(
 
 
 def _check_apply_input(desc: str, x: jax.Array, n: int, channels: int) -> None:
+    check_real(desc, x)
     shape = tuple(jnp.shape(x))
     check_spatial_rank(desc, shape, n)
     if shape[-1] != channels:
@@ -96,15 +98,22 @@ def _check_apply_input(desc: str, x: jax.Array, n: int, channels: int) -> None:
 
 
 def _out_shape(
-    desc: str, shape: tuple[int, ...], spatial: tuple[int, ...], batch: int
+    desc: str,
+    shape: tuple[int, ...],
+    spatial: tuple[int, ...],
+    kernel: tuple[int, ...],
+    padding: Any,
 ) -> tuple[int, ...]:
+    """``(batch, *spatial)``; fails when a spatial size is below 1 (no output)."""
     if any(d < 1 for d in spatial):
         fail(
             desc,
             f"input of shape {shape!r} is too small for this kernel, stride and "
-            f"padding: the output's spatial size would be {spatial!r}.",
+            f"padding: the window {kernel!r} (dilated) with padding {padding!r} "
+            f"leaves an output of spatial size {tuple(map(int, spatial))!r}; give "
+            "a larger input, a smaller kernel or padding='SAME'.",
         )
-    return (batch, *map(int, spatial))
+    return (shape[0], *map(int, spatial))
 
 
 def _dilated(ks: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, ...]:
@@ -182,7 +191,9 @@ def Conv(
         ``feature_group_count``.
       ShapeError: at init, for an input of the wrong rank, unknown spatial
         sizes, channels not divisible by ``feature_group_count``, or too small
-        for the kernel; at apply, for the wrong rank or number of channels.
+        for the kernel (an empty output); at apply, for the wrong rank or
+        number of channels, an input too small for the kernel, or one that is
+        not real floating-point.
 
     Examples:
       >>> import jax, jax.numpy as jnp, fnn
@@ -194,6 +205,7 @@ def Conv(
       (2, 14, 14, 8)
     """
     features = positive_int("Conv", "features", features)
+    boolean("Conv", "use_bias", use_bias)
     ks, strides_t, dilation_t, pad = _window_options(
         "Conv", kernel_size, strides, dilation, padding
     )
@@ -224,20 +236,24 @@ def Conv(
                 f"input channels {shape[-1]} are not divisible by "
                 f"feature_group_count={groups}.",
             )
+        out = out_shape(shape)
         w_shape = (*ks, shape[-1] // groups, features)
+        return out, _kernel_and_bias(key, w_shape, use_bias, w_init, b_init, dtype)
+
+    def out_shape(shape):
+        dk = _dilated(ks, dilation_t)
         out = lax.conv_general_shape_tuple(
             (1, *shape[1:]),
-            (*_dilated(ks, dilation_t), shape[-1] // groups, features),
+            (*dk, shape[-1] // groups, features),
             strides_t,
             pad,
             numbers,
         )
-        out_shape = _out_shape(desc, shape, tuple(out[1:-1]), shape[0])
-        params = _kernel_and_bias(key, w_shape, use_bias, w_init, b_init, dtype)
-        return (*out_shape, features), params
+        return (*_out_shape(desc, shape, tuple(out[1:-1]), dk, pad), features)
 
     def apply_fn(params, x, **kwargs):
         _check_apply_input(desc, x, n, params["w"].shape[-2] * groups)
+        out_shape(tuple(jnp.shape(x)))  # fails for an input too small for the kernel
         x, w = _same_dtype(x, params["w"])
         y = lax.conv_general_dilated(
             x,
@@ -250,7 +266,7 @@ def Conv(
         )
         return _add_bias(params, y, use_bias)
 
-    return make_layer("conv", desc, init_fn, apply_fn)
+    return library_layer("conv", desc, init_fn, apply_fn)
 
 
 def ConvTranspose(
@@ -293,7 +309,9 @@ def ConvTranspose(
     Raises:
       ValueError: for a bad option.
       ShapeError: at init, for an input of the wrong rank or with unknown
-        spatial sizes; at apply, for the wrong rank or number of channels.
+        spatial sizes; at init or apply, for an input too small for the kernel
+        and padding (an empty output); at apply, for the wrong rank or number
+        of channels, or an input that is not real floating-point.
 
     Examples:
       >>> import jax, jax.numpy as jnp, fnn
@@ -305,6 +323,7 @@ def ConvTranspose(
       (2, 14, 14, 4)
     """
     features = positive_int("ConvTranspose", "features", features)
+    boolean("ConvTranspose", "use_bias", use_bias)
     ks, strides_t, dilation_t, pad = _window_options(
         "ConvTranspose", kernel_size, strides, dilation, padding
     )
@@ -322,20 +341,20 @@ def ConvTranspose(
 
     def init_fn(key, input_shape):
         shape = check_spatial_input(desc, input_shape, n)
-        out = lax.conv_transpose_shape_tuple(
-            (1, *shape[1:]),
-            (*_dilated(ks, dilation_t), shape[-1], features),
-            strides_t,
-            pad,
-            numbers,
-        )
-        out_shape = _out_shape(desc, shape, tuple(out[1:-1]), shape[0])
+        out = out_shape(shape)
         w_shape = (*ks, shape[-1], features)
-        params = _kernel_and_bias(key, w_shape, use_bias, w_init, b_init, dtype)
-        return (*out_shape, features), params
+        return out, _kernel_and_bias(key, w_shape, use_bias, w_init, b_init, dtype)
+
+    def out_shape(shape):
+        dk = _dilated(ks, dilation_t)
+        out = lax.conv_transpose_shape_tuple(
+            (1, *shape[1:]), (*dk, shape[-1], features), strides_t, pad, numbers
+        )
+        return (*_out_shape(desc, shape, tuple(out[1:-1]), dk, pad), features)
 
     def apply_fn(params, x, **kwargs):
         _check_apply_input(desc, x, n, params["w"].shape[-2])
+        out_shape(tuple(jnp.shape(x)))  # fails for an input too small for the kernel
         x, w = _same_dtype(x, params["w"])
         y = lax.conv_transpose(
             x,
@@ -347,4 +366,4 @@ def ConvTranspose(
         )
         return _add_bias(params, y, use_bias)
 
-    return make_layer("conv_transpose", desc, init_fn, apply_fn)
+    return library_layer("conv_transpose", desc, init_fn, apply_fn)

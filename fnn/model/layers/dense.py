@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 from jax.nn import initializers
 
-from fnn.model.core import Layer, fail, make_layer, signature
-from fnn.model.options import positive_int
-from fnn.model.shapes import check_shape, expand_left
+from fnn.model.core import Layer, fail, library_layer, signature
+from fnn.model.options import boolean, positive_int
+from fnn.model.shapes import check_real, check_shape, expand_left
 
 
 def Dense(
@@ -39,7 +39,8 @@ def Dense(
     Raises:
       ValueError: for a non-positive ``features``.
       ShapeError: at init or apply, for an input whose last dimension is unknown
-        or differs from ``in_features``.
+        or differs from ``in_features``; at apply, for an input that is not
+        real floating-point (integers, booleans, complex numbers).
 
     Examples:
       >>> import jax, jax.numpy as jnp, fnn
@@ -51,6 +52,7 @@ def Dense(
       (2, 5, 3)
     """
     features = positive_int("Dense", "features", features)
+    boolean("Dense", "use_bias", use_bias)
     desc = signature("Dense", features=features)
 
     def init_fn(key, input_shape):
@@ -64,6 +66,7 @@ def Dense(
         return shape[:-1] + (features,), params
 
     def apply_fn(params, x, **kwargs):
+        check_real(desc, x)
         w = params["w"]
         if jnp.ndim(x) < 1 or jnp.shape(x)[-1] != w.shape[0]:
             fail(
@@ -74,7 +77,7 @@ def Dense(
         y = jnp.matmul(x, w)
         return y + expand_left(params["b"], y.ndim) if use_bias else y
 
-    return make_layer("dense", desc, init_fn, apply_fn)
+    return library_layer("dense", desc, init_fn, apply_fn)
 
 
 def Embed(
@@ -95,9 +98,11 @@ def Embed(
 
     Returns:
       The layer; params ``{'table': (vocab_size, features)}``. Input ids of shape
-      ``(...)`` give ``(..., features)``. An id outside ``[0, vocab_size)`` gives a
-      row of NaN, so a bad id is loud (the training loop stops on a NaN loss)
-      instead of silently reading another token's vector.
+      ``(...)`` give ``(..., features)``. An id outside ``[0, vocab_size)``
+      (negative ids such as a padding ``-1`` included) gives a row of NaN, so a
+      bad id is loud (the training loop stops on a NaN loss) instead of
+      silently reading another token's vector; the table gets no gradient from
+      it.
 
     Raises:
       ValueError: for non-positive sizes.
@@ -124,6 +129,11 @@ def Embed(
         ids = jnp.asarray(ids)
         if not jnp.issubdtype(ids.dtype, jnp.integer):
             fail(desc, f"expected integer token ids, got dtype {ids.dtype}.")
-        return jnp.take(params["table"], ids, axis=0, mode="fill", fill_value=jnp.nan)
+        # jnp.take wraps negative ids (-1 reads the last row) before its
+        # out-of-bounds fill, so every bad id is read as row 0 and masked here;
+        # the mask also gives those rows zero gradient.
+        bad = (ids < 0) | (ids >= vocab_size)
+        rows = jnp.take(params["table"], jnp.where(bad, 0, ids), axis=0)
+        return jnp.where(bad[..., None], jnp.nan, rows)
 
-    return make_layer("embed", desc, init_fn, apply_fn)
+    return library_layer("embed", desc, init_fn, apply_fn)

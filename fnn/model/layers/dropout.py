@@ -7,7 +7,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fnn.model.core import Layer, fail, is_training, make_layer, signature
+from fnn.model.core import (
+    Layer,
+    check_key,
+    fail,
+    is_training,
+    library_layer,
+    signature,
+)
 from fnn.model.options import as_int, number
 
 
@@ -35,7 +42,8 @@ def Dropout(rate: float, *, broadcast_dims: tuple[int, ...] = ()) -> Layer:
 
     Raises:
       ValueError: for ``rate`` outside ``[0, 1)`` or bad ``broadcast_dims``.
-      ShapeError: at apply, for ``train=True`` without a key, or
+      ShapeError: at apply, for ``train=True`` without a key, a ``key`` that
+        is not a ``jax.random.key`` (or a raw ``jax.random.PRNGKey``), or
         ``broadcast_dims`` out of range for the input.
 
     Examples:
@@ -78,6 +86,7 @@ def Dropout(rate: float, *, broadcast_dims: tuple[int, ...] = ()) -> Layer:
             return x
         if key is None:
             fail(desc, "train=True needs a key to draw the dropped units; pass key=.")
+        check_key(desc, key)
         x = jnp.asarray(x)
         if not all(-x.ndim <= d < x.ndim for d in bdims):
             fail(
@@ -92,4 +101,4 @@ def Dropout(rate: float, *, broadcast_dims: tuple[int, ...] = ()) -> Layer:
         keep = jnp.broadcast_to(keep, x.shape)
         return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
 
-    return make_layer("dropout", desc, init_fn, apply_fn)
+    return library_layer("dropout", desc, init_fn, apply_fn)

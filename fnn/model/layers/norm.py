@@ -16,15 +16,17 @@ import jax.numpy as jnp
 from jax import lax
 from jax.nn import initializers
 
-from fnn.model.core import Layer, fail, is_training, make_layer, signature
+from fnn.model.core import Layer, fail, is_training, library_layer, signature
 from fnn.model.layers.pool import broadcast_mask, mask_error
-from fnn.model.options import number
-from fnn.model.shapes import axes_arg, check_shape, non_batch_axes
+from fnn.model.options import boolean, number
+from fnn.model.shapes import axes_arg, check_real, check_shape, non_batch_axes
 from fnn.model.state import declare_state, read_state, write_state
 
 
-def _check_epsilon(owner: str, epsilon: Any) -> None:
+def _check_options(owner: str, epsilon: Any, **flags: Any) -> None:
     number(owner, "epsilon", epsilon, low=0.0, low_open=True)
+    for name, value in flags.items():
+        boolean(owner, name, value)
 
 
 def _resolve(
@@ -41,12 +43,14 @@ def _features(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(shape[a] for a in axes)
 
 
-def _check_features(desc: str, x: jax.Array, axes: tuple[int, ...], want: Any) -> None:
+def _check_features(
+    desc: str, x: jax.Array, axes: tuple[int, ...], want: Any, source: str = "params"
+) -> None:
     if _features(x.shape, axes) != tuple(want):
         fail(
             desc,
-            f"expected input with sizes {tuple(want)!r} on axes {axes!r}, "
-            f"got shape {x.shape!r}.",
+            f"expected input with sizes {tuple(want)!r} on axes {axes!r} (the sizes "
+            f"of its {source}), got shape {x.shape!r}.",
         )
 
 
@@ -117,7 +121,7 @@ def LayerNorm(
     Raises:
       ValueError: for a bad option.
       ShapeError: if ``axis`` does not fit the input, its sizes are unknown, or
-        (at apply) they differ from init's.
+        (at apply) they differ from init's or the input is complex.
 
     Examples:
       >>> import jax, jax.numpy as jnp, fnn
@@ -129,7 +133,7 @@ def LayerNorm(
       >>> float(y.mean()), round(float(y.std()), 3)
       (0.0, 1.0)
     """
-    _check_epsilon("LayerNorm", epsilon)
+    _check_options("LayerNorm", epsilon, use_scale=use_scale, use_bias=use_bias)
     axes = axes_arg("LayerNorm", axis)
     shown = {"epsilon": epsilon} if epsilon != 1e-5 else {}
     shown |= {} if axis == -1 else {"axis": axis}
@@ -145,6 +149,7 @@ def LayerNorm(
 
     def apply_fn(params, x, **kwargs):
         x = jnp.asarray(x)
+        check_real(desc, x, integers=True)
         ax = _resolve(desc, axes, x.shape)
         if params:
             _check_features(desc, x, ax, next(iter(params.values())).shape)
@@ -153,7 +158,7 @@ def LayerNorm(
         var = jnp.mean(jnp.square(xc - mean), ax, keepdims=True)
         return _affine((xc - mean) * lax.rsqrt(var + epsilon), params, x, ax)
 
-    return make_layer("layernorm", desc, init_fn, apply_fn)
+    return library_layer("layernorm", desc, init_fn, apply_fn)
 
 
 def RMSNorm(
@@ -190,7 +195,7 @@ def RMSNorm(
       >>> [round(v, 4) for v in y[0].tolist()]
       [0.8485, 1.1314]
     """
-    _check_epsilon("RMSNorm", epsilon)
+    _check_options("RMSNorm", epsilon, use_scale=use_scale)
     axes = axes_arg("RMSNorm", axis)
     shown = {"epsilon": epsilon} if epsilon != 1e-5 else {}
     shown |= {} if axis == -1 else {"axis": axis}
@@ -204,6 +209,7 @@ def RMSNorm(
 
     def apply_fn(params, x, **kwargs):
         x = jnp.asarray(x)
+        check_real(desc, x, integers=True)
         ax = _resolve(desc, axes, x.shape)
         if params:
             _check_features(desc, x, ax, params["scale"].shape)
@@ -211,7 +217,7 @@ def RMSNorm(
         ms = jnp.mean(jnp.square(xc), ax, keepdims=True)
         return _affine(xc * lax.rsqrt(ms + epsilon), params, x, ax)
 
-    return make_layer("rmsnorm", desc, init_fn, apply_fn)
+    return library_layer("rmsnorm", desc, init_fn, apply_fn)
 
 
 def _batch_stats(x, reduce_axes, mask, axis_name):
@@ -285,7 +291,8 @@ def BatchNorm(
     Raises:
       ValueError: for a bad option.
       ShapeError: if ``axis`` does not fit the input, at apply outside
-        :func:`fnn.with_state`, or for a mask that does not fit.
+        :func:`fnn.with_state`, for a complex input, or for a mask that does
+        not fit.
 
     Examples:
       >>> import jax, jax.numpy as jnp, fnn
@@ -298,7 +305,7 @@ def BatchNorm(
       >>> y, _ = model.apply(params, state, x)  # no key: running statistics
     """
     number("BatchNorm", "momentum", momentum, low=0.0, high=1.0, high_open=True)
-    _check_epsilon("BatchNorm", epsilon)
+    _check_options("BatchNorm", epsilon, use_scale=use_scale, use_bias=use_bias)
     axes = axes_arg("BatchNorm", axis)
     shown = {"momentum": momentum} if momentum != 0.99 else {}
     shown |= {"epsilon": epsilon} if epsilon != 1e-5 else {}
@@ -319,9 +326,10 @@ def BatchNorm(
 
     def apply_fn(params, x, *, key=None, train=None, mask=None, **kwargs):
         x = jnp.asarray(x)
+        check_real(desc, x, integers=True)
         ax = _resolve(desc, axes, x.shape)
         state = read_state(desc)
-        _check_features(desc, x, ax, state["mean"].shape)
+        _check_features(desc, x, ax, state["mean"].shape, "running statistics")
         xc = _compute(x)
         if is_training(key, train):
             red = tuple(i for i in range(x.ndim) if i not in ax)
@@ -343,4 +351,4 @@ def BatchNorm(
             var = _broadcastable(state["var"], x.ndim, ax)
         return _affine((xc - mean) * lax.rsqrt(var + epsilon), params, x, ax)
 
-    return make_layer("batchnorm", desc, init_fn, apply_fn)
+    return library_layer("batchnorm", desc, init_fn, apply_fn)

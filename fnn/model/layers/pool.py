@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fnn.model.core import Layer, fail, make_layer, signature
+from fnn.model.core import Layer, fail, library_layer, signature
 from fnn.model.layers.conv import check_spatial_input, check_spatial_rank
-from fnn.model.options import as_int
+from fnn.model.options import as_int, boolean
 from fnn.model.shapes import (
     axes_arg,
     check_shape,
@@ -158,8 +158,7 @@ def _window_pool(
     full_window, full_strides = (1, *ws, 1), (1, *st, 1)
     full_pad = pad if isinstance(pad, str) else ((0, 0), *pad, (0, 0))
 
-    def init_fn(key, input_shape):
-        shape = check_spatial_input(desc, input_shape, n, "pooling window")
+    def out_shape(shape):
         concrete = (1, *shape[1:])
         pads = (
             lax.padtype_to_pads(concrete, full_window, full_strides, full_pad)
@@ -173,13 +172,19 @@ def _window_pool(
                 f"input of shape {shape!r} is smaller than the window {ws!r}; "
                 "use padding='SAME' or a smaller window.",
             )
-        return (shape[0], *map(int, out[1:])), {}
+        return (shape[0], *map(int, out[1:]))
+
+    def init_fn(key, input_shape):
+        shape = check_spatial_input(desc, input_shape, n, "pooling window")
+        return out_shape(shape), {}
 
     def apply_fn(params, x, **kwargs):
-        check_spatial_rank(desc, tuple(jnp.shape(x)), n, "pooling window")
+        shape = tuple(jnp.shape(x))
+        check_spatial_rank(desc, shape, n, "pooling window")
+        out_shape(shape)  # fails for an input smaller than the window
         return reduce(jnp.asarray(x), full_window, full_strides, full_pad)
 
-    return make_layer(kind, desc, init_fn, apply_fn)
+    return library_layer(kind, desc, init_fn, apply_fn)
 
 
 def MaxPool(
@@ -203,7 +208,8 @@ def MaxPool(
 
     Raises:
       ValueError: for a bad option.
-      ShapeError: for an input of the wrong rank, or smaller than the window.
+      ShapeError: at init or apply, for an input of the wrong rank, or smaller
+        than the window (which would leave an empty output).
 
     Examples:
       >>> import jax, jax.numpy as jnp, fnn
@@ -244,7 +250,8 @@ def AvgPool(
 
     Raises:
       ValueError: for a bad option.
-      ShapeError: for an input of the wrong rank, or smaller than the window.
+      ShapeError: at init or apply, for an input of the wrong rank, or smaller
+        than the window (which would leave an empty output).
 
     Examples:
       >>> import jax, jax.numpy as jnp, fnn
@@ -262,6 +269,7 @@ def AvgPool(
         count = lax.reduce_window(ones, 0.0, lax.add, window, strides, padding)
         return total / count
 
+    boolean("AvgPool", "count_include_pad", count_include_pad)
     shown = {} if count_include_pad else {"count_include_pad": False}
     return _window_pool(
         "avg_pool", "AvgPool", window, strides, padding, reduce, **shown
@@ -283,6 +291,12 @@ def _global_pool(kind: str, owner: str, axis: Any, masked: Callable, plain: Call
     def apply_fn(params, x, *, mask=None, **kwargs):
         x = jnp.asarray(x)
         ax = non_batch_axes(desc, axes, x.shape)
+        if any(x.shape[a] == 0 for a in ax):
+            fail(
+                desc,
+                f"the pooled axes {ax!r} of the input, shape {x.shape!r}, hold no "
+                "element; give at least one position (padding marked with mask=).",
+            )
         if mask is None:
             return plain(x, axis=ax)
         detail = mask_error(x.shape, tuple(jnp.shape(mask)))
@@ -290,7 +304,7 @@ def _global_pool(kind: str, owner: str, axis: Any, masked: Callable, plain: Call
             fail(desc, detail)
         return masked(x, mask, ax)
 
-    return make_layer(kind, desc, init_fn, apply_fn)
+    return library_layer(kind, desc, init_fn, apply_fn)
 
 
 def GlobalMeanPool(axis: int | tuple[int, ...] = 1) -> Layer:
@@ -309,7 +323,8 @@ def GlobalMeanPool(axis: int | tuple[int, ...] = 1) -> Layer:
 
     Raises:
       ValueError: for a bad ``axis``.
-      ShapeError: if ``axis`` does not fit the input, or the mask does not.
+      ShapeError: if ``axis`` does not fit the input, a pooled axis is empty
+        (size 0), or the mask does not fit.
 
     Examples:
       >>> import jax, jax.numpy as jnp, fnn
@@ -340,7 +355,8 @@ def GlobalMaxPool(axis: int | tuple[int, ...] = 1) -> Layer:
 
     Raises:
       ValueError: for a bad ``axis``.
-      ShapeError: if ``axis`` does not fit the input, or the mask does not.
+      ShapeError: if ``axis`` does not fit the input, a pooled axis is empty
+        (size 0), or the mask does not fit.
 
     Examples:
       >>> import jax, jax.numpy as jnp, fnn

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.nn import initializers
 
-from fnn.model.core import Layer, fail, make_layer, signature
+from fnn.model.core import Layer, fail, library_layer, signature
 from fnn.model.options import number, positive_int
 from fnn.model.shapes import check_shape, expand_left
 
@@ -102,7 +102,7 @@ def SinusoidalPositionalEmbedding(
         table = jnp.asarray(sinusoidal_table(time, features, base), x.dtype)
         return x + expand_left(table, 3)
 
-    return make_layer("sinusoidal_position", desc, init_fn, apply_fn)
+    return library_layer("sinusoidal_position", desc, init_fn, apply_fn)
 
 
 def LearnedPositionalEmbedding(
@@ -153,4 +153,4 @@ def LearnedPositionalEmbedding(
         _, time, _ = _check_sequence(desc, jnp.shape(x), max_len, features)
         return x + expand_left(params["table"][:time], 3)
 
-    return make_layer("learned_position", desc, init_fn, apply_fn)
+    return library_layer("learned_position", desc, init_fn, apply_fn)

@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 from jax.nn import initializers
 
-from fnn.model.core import Layer, fail, make_layer, signature
-from fnn.model.options import positive_int
-from fnn.model.shapes import check_shape, expand_left
+from fnn.model.core import Layer, fail, library_layer, signature
+from fnn.model.options import boolean, positive_int
+from fnn.model.shapes import check_real, check_shape, expand_left
 
 
 class Cell(NamedTuple):
@@ -275,7 +275,8 @@ def RNN(
     Raises:
       TypeError: if ``cell`` is not a :class:`Cell`.
       ShapeError: at init or apply, for an input not of rank 3, unknown
-        features, or lengths/mask of the wrong shape.
+        features, or lengths/mask of the wrong shape; at apply, for an input
+        that is not real floating-point.
 
     Examples:
       >>> import jax, jax.numpy as jnp, fnn
@@ -291,6 +292,9 @@ def RNN(
         raise TypeError(
             f"RNN: expected a cell such as fnn.GRUCell(8), got {type(cell).__name__}."
         )
+    reverse = boolean("RNN", "reverse", reverse)
+    return_sequences = boolean("RNN", "return_sequences", return_sequences)
+    return_carry = boolean("RNN", "return_carry", return_carry)
     options = {}
     if reverse:
         options["reverse"] = True
@@ -324,6 +328,7 @@ def RNN(
                 f"expected input of shape (batch, time, features), got "
                 f"{getattr(x, 'shape', type(x).__name__)!r}.",
             )
+        check_real(desc, x)
         p = params[cell.name]
         batch, time, _ = x.shape
         valid = _step_mask(desc, batch, time, lengths, mask)
@@ -351,4 +356,4 @@ def RNN(
         out = jnp.swapaxes(ys, 0, 1) if return_sequences else last
         return (out, carry) if return_carry else out
 
-    return make_layer("rnn", desc, init_fn, apply_fn)
+    return library_layer("rnn", desc, init_fn, apply_fn)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from fnn.model.core import Layer, fail, make_layer, signature
+from fnn.model.core import Layer, fail, library_layer, signature
 from fnn.model.options import int_tuple
 from fnn.model.shapes import check_shape
 
@@ -24,7 +24,7 @@ def Identity() -> Layer:
     def apply_fn(params, x, **kwargs):
         return x
 
-    return make_layer("identity", "Identity()", init_fn, apply_fn)
+    return library_layer("identity", "Identity()", init_fn, apply_fn)
 
 
 def Flatten() -> Layer:
@@ -51,7 +51,7 @@ def Flatten() -> Layer:
     def apply_fn(params, x, **kwargs):
         return x.reshape((x.shape[0], -1))
 
-    return make_layer("flatten", desc, init_fn, apply_fn)
+    return library_layer("flatten", desc, init_fn, apply_fn)
 
 
 def Reshape(shape: tuple[int, ...]) -> Layer:
@@ -92,4 +92,4 @@ def Reshape(shape: tuple[int, ...]) -> Layer:
             )
         return x.reshape((x.shape[0],) + shape)
 
-    return make_layer("reshape", desc, init_fn, apply_fn)
+    return library_layer("reshape", desc, init_fn, apply_fn)
