@@ -192,10 +192,13 @@ def test_inside_serial_receives_mask():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"num_heads": 0}, r"MultiHeadAttention: expected a positive num_heads"),
+        (
+            {"num_heads": 0},
+            r"MultiHeadAttention: expected num_heads to be a positive int",
+        ),
         (
             {"num_heads": 2, "qkv_features": -3},
-            r"MultiHeadAttention: expected a positive qkv_features",
+            r"MultiHeadAttention: expected qkv_features to be a positive int",
         ),
     ],
 )

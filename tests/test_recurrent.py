@@ -251,9 +251,13 @@ def test_input_weights_have_variance_one_over_fan_in_and_hidden_are_orthogonal(
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match=r"GRUCell: expected a positive features"):
+    with pytest.raises(
+        ValueError, match=r"GRUCell: expected features to be a positive int"
+    ):
         fnn.GRUCell(0)
-    with pytest.raises(ValueError, match=r"LSTMCell: expected a positive features"):
+    with pytest.raises(
+        ValueError, match=r"LSTMCell: expected features to be a positive int"
+    ):
         fnn.LSTMCell(2.5)
     with pytest.raises(TypeError, match=r"RNN: expected a cell such as"):
         fnn.RNN(fnn.Dense(3))
