@@ -84,3 +84,24 @@ def hlo_text(v) -> str | None:
         return None
     compiled = v.lower().compile()
     return getattr(compiled, "compiled", compiled).as_text()  # Equinox wraps it
+
+
+def programs(variants):
+    """Per variant: its matmuls and a letter naming its compiled program."""
+    texts = {v.name: hlo_text(v) for v in variants}
+    keys = {}
+    letter = {
+        k: keys.setdefault(program_key(t), chr(ord("A") + len(keys))) if t else None
+        for k, t in texts.items()
+    }
+    return {k: t and matmuls(t) for k, t in texts.items()}, letter
+
+
+def show_hlo(wl, variants, args) -> None:
+    dots, letter = programs(variants)
+    print(f"\n### {wl.name}, batch {wl.batch}: matmuls of the optimized HLO")
+    for v in variants:
+        print(f"\n{v.name} (program {letter[v.name]}): {ynn_count(dots[v.name])}")
+        for d in dots[v.name] or ():
+            way = "backward" if d["backward"] else "forward "
+            print(f"  {way} {d['engine']:16s} {d['shape']:18s} {d['contracting']}")

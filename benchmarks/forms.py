@@ -7,19 +7,25 @@ Two groups of forms, each a hand-written JAX step on the workloads of
   multiplies by it. The weight is ``(in, out)`` (fnn's, stax's and Flax's
   layout) or ``(out, in)`` (PyTorch's and Equinox's), the product ``x @ w``,
   ``x @ w.T``, a ``lax.dot_general``, a per-example ``w @ x`` under
-  ``jax.vmap`` (how Equinox is used), or the output computed transposed. Two
-  forms with a custom derivative rule, which the library cannot use as they
-  are (see ``benchmarks/README.md``), show what making XLA:CPU's YNNPACK take
-  the weight-gradient matmuls would be worth. The step of fnn's ``Dense``
-  (``fnn (apply)``) and, with ``--equinox``, Equinox's run in the same rounds.
+  ``jax.vmap`` (how Equinox is used), or the output computed transposed.
+  Three forms with a custom derivative rule show what it is worth to make
+  XLA:CPU's YNNPACK take the weight-gradient matmuls too: a ``custom_vjp``
+  (``jax.jvp`` refuses it, so ``Dense`` cannot use it) and two ``custom_jvp``
+  forms that keep a transposed copy behind ``lax.optimization_barrier``. The
+  step of fnn's ``Dense`` (``fnn (apply)``) and, with ``--equinox``,
+  Equinox's run in the same rounds.
 * ``--group step`` (MLPs only): donation, region-analysis copy insertion, the
   loss as a sum over the batch size, a typed key split and a ``lax.cond``
   around the update (the "Donation and copies" table).
 
 Interleaved rounds (the order rotates each round); each form's ratio is the
 median over rounds of its time per step divided by the first form's in the
-same round, with the lowest and highest per-round ratio as its spread.
-``--hlo`` prints, per form, the matmuls of the optimized HLO of the step
+same round, with the lowest and highest per-round ratio as its spread. On
+shared cores two more columns are less biased by other processes: the
+*quiet ratio*, the same median over the rounds in which every form ran within
+25% of its own fastest time, and the *best ratio*, each form's fastest round
+over the first form's fastest.
+``--hlo`` prints instead, per form, the matmuls of the optimized HLO of the step
 (``jax.jit(step).lower(...).compile().as_text()``): which became YNNPACK
 fusions (``__ynn_fusion``) and which stayed XLA ``dot``\\ s, with their
 contracting dimensions.
@@ -46,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _hlo import hlo_text, matmuls, program_key, ynn_count
+from _hlo import programs, show_hlo, ynn_count
 from _peers import equinox
 from _workloads import (
     CONV_DN,
@@ -227,6 +233,8 @@ def dense_variants(wl, args):
     ws = weights(wl)
     x, y = batch(wl)
     tx = optax.adam(LR)
+    chosen = [int(i) for i in args.forms.split(",")] if args.forms else None
+    forms = [f for i, f in enumerate(DENSE_FORMS) if chosen is None or i in chosen]
     out = [
         loop_variant(
             f.name,
@@ -236,9 +244,10 @@ def dense_variants(wl, args):
             x,
             y,
         )
-        for f in DENSE_FORMS
+        for f in forms
     ]
-    out.append(fnn_form(wl, ws, x, y))
+    if not args.no_fnn:
+        out.append(fnn_form(wl, ws, x, y))
     if args.equinox and (v := equinox(wl, ws, x, y)) is not None:
         out.append(v)
     return out
@@ -350,40 +359,42 @@ def rounds_of(variants, rounds: int, n: int):
     return times, ratios
 
 
+QUIET = 1.25  # a round is quiet if every form ran within 25% of its best
+
+
 def report(wl, variants, args) -> None:
-    texts = {v.name: hlo_text(v) for v in variants}
-    dots = {k: t and matmuls(t) for k, t in texts.items()}
-    keys = {}  # one letter per distinct compiled program
-    program = {
-        k: keys.setdefault(program_key(t), "ABCDEFGHIJKLMNOP"[len(keys)]) if t else None
-        for k, t in texts.items()
-    }
+    dots, letter = programs(variants)
     stats = {v.name: compiled_stats(v) for v in variants}
     losses = {v.name: v.run(1) for v in variants}
     n = calibrate(variants, args.round_s)
     times, ratios = rounds_of(variants, args.rounds, n)
     med = statistics.median
-    print(f"\n### {wl.name}, batch {wl.batch}: {args.rounds} rounds x {n} steps\n")
+    best = {k: min(t) for k, t in times.items()}
+    quiet = [
+        i
+        for i in range(args.rounds)
+        if all(t[i] <= QUIET * best[k] for k, t in times.items())
+    ]
     print(
-        "| form | program | ratio | spread | us/step | YNNPACK matmuls "
-        "| MB accessed | loss |"
+        f"\n### {wl.name}, batch {wl.batch}: {args.rounds} rounds x {n} steps, "
+        f"{len(quiet)} quiet\n"
     )
-    print("|---|:-:|---:|---:|---:|---|---:|---:|")
+    print(
+        "| form | program | ratio | spread | quiet ratio | best ratio | us/step "
+        "| best us/step | YNNPACK matmuls | MB accessed | loss |"
+    )
+    print("|---|:-:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
     for v in variants:
-        r, mb = ratios[v.name], stats[v.name].get("bytes")
+        r, mb, t = ratios[v.name], stats[v.name].get("bytes"), times[v.name]
+        q = med([r[i] for i in quiet]) if quiet else None
         print(
-            f"| {v.name} | {fmt(program[v.name], 's')} | {med(r):.3f} "
-            f"| {min(r):.2f}-{max(r):.2f} "
-            f"| {med(times[v.name]) * 1e6:,.0f} "
+            f"| {v.name} | {fmt(letter[v.name], 's')} | {med(r):.3f} "
+            f"| {min(r):.2f}-{max(r):.2f} | {fmt(q, '.3f')} "
+            f"| {best[v.name] / best[variants[0].name]:.3f} | {med(t) * 1e6:,.0f} "
+            f"| {best[v.name] * 1e6:,.0f} "
             f"| {fmt(dots[v.name] and ynn_count(dots[v.name]), 's')} "
             f"| {fmt(mb and mb / 2**20, '.1f')} | {losses[v.name]:.6f} |"
         )
-    if args.hlo:
-        for v in variants:
-            print(f"\n{v.name}:")
-            for d in dots[v.name] or ():
-                way = "backward" if d["backward"] else "forward "
-                print(f"  {way} {d['engine']:16s} {d['shape']:18s} {d['contracting']}")
 
 
 def main(argv=None):
@@ -393,14 +404,20 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--round-s", type=float, default=0.5)
     parser.add_argument("--equinox", action="store_true", help="add Equinox's step")
-    parser.add_argument("--hlo", action="store_true", help="list each form's matmuls")
+    parser.add_argument(
+        "--hlo", action="store_true", help="list each form's matmuls; no timing"
+    )
+    parser.add_argument(
+        "--forms", default="", help="dense forms to run, by index, e.g. 0,1,3"
+    )
+    parser.add_argument("--no-fnn", action="store_true", help="leave out fnn's step")
     args = parser.parse_args(argv)
     print(f"Machine: {machine()}")
     print(f"Command: python benchmarks/forms.py {' '.join(sys.argv[1:])}".rstrip())
     build = dense_variants if args.group == "dense" else step_variants
     for name in args.workloads.split(","):
         wl = WORKLOADS[name]
-        report(wl, build(wl, args), args)
+        (show_hlo if args.hlo else report)(wl, build(wl, args), args)
 
 
 if __name__ == "__main__":
