@@ -25,8 +25,9 @@ shared cores two more columns are less biased by other processes: the
 *quiet ratio*, the same median over the rounds in which every form ran within
 25% of its own fastest time, and the *best ratio*, each form's fastest round
 over the first form's fastest.
-``--hlo`` prints instead, per form, the matmuls of the optimized HLO of the step
-(``jax.jit(step).lower(...).compile().as_text()``): which became YNNPACK
+
+``--hlo`` prints instead, per form, the matmuls of the optimized HLO of the
+step (``jax.jit(step).lower(...).compile().as_text()``): which became YNNPACK
 fusions (``__ynn_fusion``) and which stayed XLA ``dot``\\ s, with their
 contracting dimensions.
 
@@ -220,7 +221,6 @@ def fnn_form(wl, ws, x, y):
     names = sorted((k for k in params if params[k]), key=lambda k: int(k.split("_")[0]))
     params = dict(params)
     for name, p in zip(names, hand, strict=True):
-        p = {"table": p["table"]} if "table" in p else p
         for k in p:
             if p[k].shape != params[name][k].shape:
                 raise ValueError(f"{name}/{k}: {p[k].shape} != {params[name][k].shape}")
