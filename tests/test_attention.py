@@ -15,6 +15,7 @@ RTOL_F32 = 1e-5
 ATOL_F32 = 1e-5
 RTOL_F64 = 1e-12
 ATOL_F64 = 1e-12
+VARIANCE_SIGMAS = 6  # tolerance in standard errors of a sample variance
 
 
 def _np_attention(params, xq, xkv, num_heads, mask=None):
@@ -166,6 +167,16 @@ def test_params_are_readable_and_batch_survives():
             "out": {"w": np.zeros((4, 3)), "b": np.zeros(3)},
         },
     )
+
+
+def test_projections_have_variance_one_over_their_fan_in():
+    """LeCun normal on every projection: Var(w) = 1 / its input features."""
+    layer = fnn.MultiHeadAttention(4, qkv_features=512, out_features=128)
+    _, params = layer.init(jax.random.key(0), ((-1, 3, 128), (-1, 5, 64)))
+    for name, fan_in in (("query", 128), ("key", 64), ("value", 64), ("out", 512)):
+        w = np.asarray(params[name]["w"], np.float64)
+        tol = VARIANCE_SIGMAS * np.sqrt(2 / w.size)  # standard error of a variance
+        assert abs(w.var() * fan_in - 1) < tol, (name, w.var() * fan_in)
 
 
 def test_inside_serial_receives_mask():

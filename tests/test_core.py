@@ -54,6 +54,83 @@ def test_dense_matches_numpy():
     np.testing.assert_allclose(got, want, rtol=RTOL_F32, atol=ATOL_F32)
 
 
+JVP_EPS_F64 = 1e-6  # central-difference step; truncation error ~ eps**2
+JVP_RTOL_F64 = 1e-7
+JVP_ATOL_F64 = 1e-9
+LINEARIZE_RTOL_F64 = 1e-12
+LINEARIZE_ATOL_F64 = 1e-12
+VARIANCE_SIGMAS = 6  # tolerance in standard errors of a sample variance
+
+
+def _normal_like(seed, tree):
+    leaves, treedef = jax.tree.flatten(tree)
+    rng = np.random.default_rng(seed)
+    return treedef.unflatten(
+        [jnp.asarray(rng.normal(size=a.shape), jnp.float64) for a in leaves]
+    )
+
+
+def _jvp_network():
+    return fnn.serial(
+        fnn.Conv(4, (3,), padding="SAME"),
+        fnn.Gelu(),
+        fnn.LayerNorm(),
+        fnn.MultiHeadAttention(2, causal=True),
+        fnn.RNN(fnn.GRUCell(6)),
+        fnn.RNN(fnn.LSTMCell(5)),
+        fnn.Dense(3),
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [(lambda: fnn.Dense(3), (-1, 5, 4)), (_jvp_network, (-1, 5, 3))],
+    ids=["dense", "network"],
+)
+def test_forward_mode_matches_central_differences_and_linearize(make, shape):
+    """jax.jvp through Dense and through a network of the library's layers, in
+    params and input together, against a central difference in float64."""
+    layer = make()
+    _, params = layer.init(jax.random.key(0), shape)
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+        x = _normal_like(1, jnp.zeros((2,) + shape[1:]))
+        t_params, t_x = _normal_like(2, params), _normal_like(3, x)
+
+        def f(p, v):
+            return layer.apply(p, v)
+
+        def moved(h):
+            p = jax.tree.map(lambda a, t: a + h * t, params, t_params)
+            return f(p, x + h * t_x)
+
+        _, tangent = jax.jit(jax.jvp, static_argnums=0)(f, (params, x), (t_params, t_x))
+        numeric = (moved(JVP_EPS_F64) - moved(-JVP_EPS_F64)) / (2 * JVP_EPS_F64)
+        np.testing.assert_allclose(
+            tangent, numeric, rtol=JVP_RTOL_F64, atol=JVP_ATOL_F64
+        )
+        _, f_jvp = jax.linearize(f, params, x)
+        np.testing.assert_allclose(
+            f_jvp(t_params, t_x),
+            tangent,
+            rtol=LINEARIZE_RTOL_F64,
+            atol=LINEARIZE_ATOL_F64,
+        )
+
+
+def test_dense_default_init_has_variance_one_over_fan_in():
+    """LeCun normal: Var(w) = 1 / in_features, whatever the layout of ``w``
+    (in != out, so a fan-out variance would be four times too small)."""
+    n_in, n_out = 256, 1024
+    _, params = fnn.Dense(n_out).init(jax.random.key(0), (-1, n_in))
+    w = np.asarray(params["w"], np.float64)
+    assert w.size == n_in * n_out
+    # a sample variance of n normal draws has relative standard error sqrt(2 / n)
+    tol = VARIANCE_SIGMAS * np.sqrt(2 / w.size)
+    assert abs(w.var() * n_in - 1) < tol, w.var() * n_in
+    assert abs(w.mean()) < VARIANCE_SIGMAS * w.std() / np.sqrt(w.size)
+
+
 def test_embed_looks_up_rows_and_bad_ids_are_nan():
     layer = fnn.Embed(4, 2)
     _, params = layer.init(jax.random.key(0), (-1,))

@@ -13,6 +13,8 @@ from suite import init_perturbed as _init
 
 RTOL_F32 = 1e-5
 ATOL_F32 = 1e-5
+VARIANCE_SIGMAS = 6  # tolerance in standard errors of a sample variance
+ORTHOGONAL_ATOL_F32 = 1e-4
 
 
 def _sigmoid(a):
@@ -231,6 +233,21 @@ def test_params_and_carry_shapes():
     assert fnn.RNN(fnn.GRUCell(4), return_sequences=False).init(
         jax.random.key(0), (-1, 7, 3)
     )[0] == (-1, 4)
+
+
+@pytest.mark.parametrize("cell", [fnn.GRUCell(128), fnn.LSTMCell(128)], ids=repr)
+def test_input_weights_have_variance_one_over_fan_in_and_hidden_are_orthogonal(
+    cell,
+):
+    """LeCun normal on the input weights (Var = 1 / in_features); the hidden
+    weights of each gate are an orthogonal map of the hidden state."""
+    n_in, f = 64, cell.features
+    params = cell.init(jax.random.key(0), n_in)
+    w = np.asarray(params["input"]["w"], np.float64)
+    tol = VARIANCE_SIGMAS * np.sqrt(2 / w.size)  # standard error of a variance
+    assert abs(w.var() * n_in - 1) < tol, w.var() * n_in
+    wh = np.asarray(params["hidden"]["w"], np.float64)  # h @ wh: all gates at once
+    np.testing.assert_allclose(wh @ wh.T, np.eye(f), atol=ORTHOGONAL_ATOL_F32)
 
 
 def test_bad_arguments():

@@ -24,6 +24,17 @@ def Dense(
     Leading dimensions, whatever they are, pass through: an input of shape
     ``(batch, time, in_features)`` gives ``(batch, time, features)``.
 
+    The weight is stored ``(in_features, features)`` and applied as ``x @ w``,
+    the layout of stax, Flax and Haiku and of ``z = x W + b`` in the guide.
+    PyTorch and Equinox store ``(features, in_features)``: their weights load
+    with a transpose, ``params['w'] = weight.T``. The product is a plain
+    ``jnp.matmul`` with no custom derivative rule, so ``jax.grad``,
+    ``jax.jvp`` and higher orders all work through it. A ``(features,
+    in_features)`` weight, ``lax.dot_general`` or a per-example product under
+    ``jax.vmap`` compile to the same matmul kernels on XLA:CPU;
+    ``benchmarks/README.md`` ("Dense: the weight's layout") has the
+    measurements behind keeping this layout.
+
     Args:
       features: the size of the output's last axis.
       w_init: initializer for ``w``, shape ``(in_features, features)``. The
