@@ -12,13 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from fnn.gradcheck import _args as argsmod
-from fnn.gradcheck import _core as core
-from fnn.gradcheck import _fd as fd
+from fnn.gradcheck._check import DEFAULT_MAX_DIRECTIONS, run_check
+from fnn.gradcheck._layer import check_layer
 from fnn.gradcheck._report import GradCheckEntry, GradCheckReport, GradientCheckError
 
 __all__ = [
@@ -28,11 +23,6 @@ __all__ = [
     "check_grads",
     "check_layer",
 ]
-
-DEFAULT_RTOL = 1e-6  # relative tolerance of the float64 comparison
-DEFAULT_ATOL = 0.0
-DEFAULT_MAX_DIRECTIONS = 64  # per leaf; larger leaves are checked in blocks
-LAYER_BATCH = 2  # what a leading -1 batch dimension becomes in check_layer
 
 
 def check_grads(
@@ -119,168 +109,6 @@ def check_grads(
       ...     print(e.report.worst.path, e.report.worst.mode)
       args[0] rev
     """
-    return _check(
+    return run_check(
         f, args, order, modes, eps, atol, rtol, argnums, mask, max_directions, seed
-    )
-
-
-def _check(
-    f, args, order, modes, eps, atol, rtol, argnums, mask, max_dirs, seed, names=None
-) -> GradCheckReport:
-    if not isinstance(args, tuple | list):
-        raise TypeError(
-            f"args must be a tuple of positional arguments, got {type(args).__name__}."
-        )
-    args = tuple(args)
-    modes = (modes,) if isinstance(modes, str) else tuple(modes)
-    if not modes or any(m not in ("fwd", "rev") for m in modes):
-        raise ValueError(f"modes must be some of 'fwd' and 'rev', got {modes!r}.")
-    if not isinstance(order, int) or order < 1:
-        raise ValueError(f"order must be a positive integer, got {order!r}.")
-    if eps is not None and not eps > 0:
-        raise ValueError(f"eps must be positive, got {eps!r}.")
-    if max_dirs < 1:
-        raise ValueError(f"max_directions must be at least 1, got {max_dirs!r}.")
-    if argnums is None:
-        argnums = tuple(range(len(args)))
-    argnums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
-    if any(not -len(args) <= a < len(args) for a in argnums):
-        raise ValueError(f"argnums {argnums!r} out of range for {len(args)} args.")
-    argnums = tuple(a % len(args) for a in argnums)
-    names = names or tuple(f"args[{k}]" for k in range(len(args)))
-    cfg = core.Config(
-        modes=modes,
-        atol=DEFAULT_ATOL if atol is None else float(atol),
-        rtol=DEFAULT_RTOL if rtol is None else float(rtol),
-        base=fd.DEFAULT_BASE_STEP if eps is None else float(eps),
-        max_directions=int(max_dirs),
-        rng=np.random.default_rng(seed),
-    )
-    notes: list[str] = []
-    with jax.enable_x64(True):
-        leaves, x0, scale, actives, tree_fn = argsmod.prepare(
-            f, args, argnums, mask, names, eps, notes
-        )
-        if not leaves:
-            raise ValueError(
-                f"no floating-point inputs to check among args at argnums {argnums!r}."
-            )
-        base = core.make_fn("f", 1, tree_fn, x0, None, notes, modes)
-        low = core.low_precision_ops(base.flat, x0)
-        if low:
-            notes.append(
-                f"f computes in lower precision inside ({', '.join(sorted(low))}); "
-                f"the check can be no more accurate than that."
-            )
-        fns, frontier = [base], [base]
-        for k in range(2, order + 1):
-            frontier = [
-                core.make_fn(label, k, g, x0, out_names, notes, modes)
-                for fn in frontier
-                for label, g, out_names in core.derive(fn, leaves, scale, actives, cfg)
-            ]
-            fns.extend(frontier)
-        entries = []
-        for fn in fns:
-            entries.extend(core.check_fn(fn, leaves, x0, scale, actives, cfg, notes))
-    report = GradCheckReport(tuple(entries), tuple(dict.fromkeys(notes)))
-    if not report.passed:
-        raise GradientCheckError(report)
-    return report
-
-
-def check_layer(
-    layer: tuple[Callable, Callable],
-    input_shape: tuple,
-    *,
-    key: jax.Array | None = None,
-    x: Any = None,
-    input_dtype: Any = jnp.float32,
-    order: int = 1,
-    modes: Sequence[str] = ("fwd", "rev"),
-    eps: float | None = None,
-    atol: float | None = None,
-    rtol: float | None = None,
-    max_directions: int = DEFAULT_MAX_DIRECTIONS,
-    seed: int = 0,
-) -> GradCheckReport:
-    """Checks a layer's ``apply`` with respect to its params and its input.
-
-    The layer's output is reduced to a scalar by a fixed random projection (a
-    Gaussian weight per output element), and :func:`check_grads` checks that
-    scalar as a function of ``(params, x)`` in float64. Report paths read
-    ``params['w']`` and ``x`` (``x[0]``, ``x[1]`` for several inputs). Integer
-    inputs, such as token ids, are not checked; only the params are.
-
-    Args:
-      layer: an ``(init, apply)`` pair: ``init(key, input_shape) ->
-        (output_shape, params)`` and ``apply(params, x, *, key=None) -> y``.
-      input_shape: the input's shape, whose leading dimension may be ``-1``
-        (replaced by 2), or a tuple of shapes for a layer with several inputs.
-      key: a ``jax.random.key`` for ``init``; default ``jax.random.key(0)``.
-      x: the input to check at (an array, or a tuple of arrays); default random
-        normal values of ``input_shape`` (integers in ``[0, 2)`` for integer
-        ``input_dtype``).
-      input_dtype: dtype of the generated input, or a tuple with one per input.
-      order: as in :func:`check_grads`.
-      modes: as in :func:`check_grads`.
-      eps: as in :func:`check_grads`.
-      atol: as in :func:`check_grads`.
-      rtol: as in :func:`check_grads`.
-      max_directions: as in :func:`check_grads`.
-      seed: seed of the generated input, the projection and the directions.
-
-    Returns:
-      The :class:`GradCheckReport`.
-
-    Raises:
-      GradientCheckError: if a gradient is wrong.
-      ValueError: as :func:`check_grads`.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> from fnn.gradcheck import check_layer
-      >>> def init(key, shape):
-      ...     return shape, {"scale": jnp.array(2.0)}
-      >>> def apply(params, x, *, key=None):
-      ...     return jnp.tanh(x * params["scale"])
-      >>> check_layer((init, apply), (-1, 3)).passed
-      True
-    """
-    init, apply = layer
-    rng = np.random.default_rng(seed)
-    multi = len(input_shape) > 0 and isinstance(input_shape[0], tuple | list)
-    shapes = tuple(input_shape) if multi else (input_shape,)
-    concrete = [tuple(LAYER_BATCH if d == -1 else d for d in s) for s in shapes]
-    _, params = init(jax.random.key(0) if key is None else key, input_shape)
-    if x is None:
-        dtypes = input_dtype if isinstance(input_dtype, tuple | list) else None
-        xs = []
-        for k, s in enumerate(concrete):
-            dt = np.dtype(dtypes[k] if dtypes else input_dtype)
-            if np.issubdtype(dt, np.integer):
-                xs.append(rng.integers(0, 2, size=s).astype(dt))
-            else:
-                xs.append(rng.standard_normal(s).astype(dt))
-        x = tuple(xs) if multi else xs[0]
-    out = jax.eval_shape(apply, params, x)
-    proj = [rng.standard_normal(o.shape) for o in jax.tree.leaves(out)]
-
-    def loss(p, inputs):
-        ys = jax.tree.leaves(apply(p, inputs))
-        return sum(jnp.sum(y * w) for y, w in zip(ys, proj))
-
-    return _check(
-        loss,
-        (params, x),
-        order,
-        modes,
-        eps,
-        atol,
-        rtol,
-        None,
-        None,
-        max_directions,
-        seed,
-        names=("params", "x"),
     )
