@@ -72,9 +72,10 @@ def directions(
         one = np.ones(1)
         out = [Direction("element", np.array([i]), one) for i in active]
     else:
-        for block in np.array_split(rng.permutation(active), max_directions):
-            signs = rng.choice(np.array([-1.0, 1.0]), size=block.size)
-            out.append(Direction("block", np.sort(block), signs))
+        signs = rng.choice(np.array([-1.0, 1.0]), size=active.size)
+        blocks = np.array_split(rng.permutation(active), max_directions)
+        for block, sign in zip(blocks, np.array_split(signs, max_directions)):
+            out.append(Direction("block", np.sort(block), sign))
     for _ in range(num_random if active.size > 1 else 0):
         out.append(Direction("random", active, rng.standard_normal(active.size)))
     return out
@@ -156,10 +157,10 @@ def shape_of(values: np.ndarray, y0: np.ndarray, ts: np.ndarray, proj=None):
       ``(jump, size, kink)``, each of shape ``(r, m)`` or ``(r, C)``: whether
       ``f`` jumps, by how much at the smallest step, and whether it has a kink.
     """
-    k = ts.size
-    up, down = values[:, :k], values[:, k:]
+    k, tail = ts.size, slice(ts.size - SHAPE_LEVELS, ts.size)
+    up, down = values[:, :k][:, tail], values[:, k:][:, tail]
     change = up - down
-    bend = (up + down - 2.0 * y0) / ts[None, :, None]
+    bend = (up + down - 2.0 * y0) / ts[tail][None, :, None]
     scale = np.abs(y0)
     if proj is not None:
         change, bend, scale = change @ proj, bend @ proj, scale @ np.abs(proj)
@@ -171,7 +172,6 @@ def shape_of(values: np.ndarray, y0: np.ndarray, ts: np.ndarray, proj=None):
 
 
 def _steady(a: np.ndarray) -> np.ndarray:
-    """Whether ``a[:, level]`` agrees over the ``SHAPE_LEVELS`` smallest steps."""
-    tail = a[:, -SHAPE_LEVELS:]
-    last = tail[:, -1:]
-    return np.all(np.abs(tail - last) <= SHAPE_RTOL * np.abs(last), axis=1)
+    """Whether ``a[:, level]`` agrees over its levels (the smallest steps)."""
+    last = a[:, -1:]
+    return np.all(np.abs(a - last) <= SHAPE_RTOL * np.abs(last), axis=1)

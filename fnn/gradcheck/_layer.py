@@ -40,6 +40,11 @@ class _Projected:
         return sum(jnp.sum(y * w) for y, w in zip(ys, proj))
 
 
+# jax.eval_shape of loss.output, traced again for every new bound method; this
+# traces once per layer and input shapes.
+_output_shape = jax.jit(_Projected.output, static_argnums=0)
+
+
 def check_layer(
     layer: tuple[Callable, Callable],
     input_shape: tuple,
@@ -130,7 +135,7 @@ def check_layer(
         x = tuple(xs) if multi else xs[0]
     kwargs = tuple(sorted((apply_kwargs or {}).items()))
     loss = _Projected(apply, len(made) == 3, Static(kwargs))
-    out = jax.eval_shape(loss.output, params, x, state)
+    out = _output_shape.trace(loss, params, x, state).out_info
     proj = tuple(rng.standard_normal(o.shape) for o in jax.tree.leaves(out))
     return run_check(
         loss,

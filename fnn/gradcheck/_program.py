@@ -101,13 +101,12 @@ def program(target, plan, x, rest, vecs, dirs, ts, cots):
     def tangent(d):
         return jax.jvp(fn, (x,), (d,))[1]
 
-    if plan.batch or plan.eager:
-        values = _map(plan, points, dirs, plan.batch)
+    if plan.eager:
+        values = _map(plan, points, dirs)
     else:
         pts = x[None, None] + offsets[None, :, None] * dirs[:, None]
-        values = _map(plan, fn, pts.reshape(-1, x.size)).reshape(
-            dirs.shape[0], offsets.size, -1
-        )
+        values = _map(plan, fn, pts.reshape(-1, x.size), plan.batch)
+        values = values.reshape(dirs.shape[0], offsets.size, -1)
     tangents = _map(plan, tangent, dirs) if plan.fwd else None
     return y0, grads, values, tangents
 
