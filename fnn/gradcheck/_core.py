@@ -31,8 +31,9 @@ class Fn:
       vecs: the fixed vectors of ``target.steps``.
       fwd_ok: whether forward mode works (``False`` through ``jax.custom_vjp``).
       eager: whether it runs without jit (``f`` cannot be traced).
-      batch: directions evaluated together in each step of a ``lax.map`` over
-        them; ``0``: all at once.
+      batch: points evaluated together in each step of a ``lax.map`` over
+        them; ``0``: all at once. ``1`` (one by one) for a function with a
+        convolution, which is then also compiled with full optimization.
     """
 
     target: Target
@@ -140,7 +141,7 @@ def first(target: Target, xs, rest, notes) -> Fn:
         )
     target = dataclasses.replace(target, outputs=outputs)
     # Batched over every input at once, a convolution becomes a grouped
-    # convolution, which XLA:CPU runs slowly: evaluate direction by direction.
+    # convolution, which XLA:CPU runs slowly: evaluate point by point.
     conv = any(name == "conv_general_dilated" for name, _ in ops)
     return Fn(target, 1, with_offsets(layout), eager=eager, batch=int(conv))
 
@@ -261,7 +262,8 @@ def check_fn(fn: Fn, leaves, x, scale, rest, cfg: Config, notes) -> list:
     rows = fd.rows_per_call(x.size, fn.size, len(dirs))
     shapes = tuple(leaf.shape for leaf in leaves)
     want_fwd = "fwd" in cfg.modes and fn.fwd_ok
-    plan = prog.Plan(want_fwd, "rev" in cfg.modes, shapes, fn.batch, fn.eager)
+    rev = "rev" in cfg.modes
+    plan = prog.Plan(want_fwd, rev, shapes, fn.batch, fn.batch == 1, fn.eager)
     ts = fd.steps(cfg.base)
     run = _Runner(fn, plan, rows, x, scale, rest, ts, cots, notes)
     y0, grads, values, tangents = run(dirs)

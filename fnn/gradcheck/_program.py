@@ -5,8 +5,8 @@ values at ``x ± t * d`` for every direction ``d`` and step ``t``, and its JVPs
 along every direction, each batched with ``jax.vmap``. A batch that varies
 every input at once turns a convolution into a grouped convolution, which
 XLA:CPU runs slowly (its cost grows faster than the number of groups), so for
-functions with convolutions the ``2K`` points of a direction are evaluated
-together and the directions one after another (``lax.map``).
+functions with convolutions the points are evaluated one after another
+(``lax.map``), and compiled with full optimization.
 
 The program is ``jax.jit``-compiled with the :class:`~fnn.gradcheck._target.Target`
 and the :class:`Plan` as static arguments, so checking the same function again
@@ -33,8 +33,10 @@ class Plan:
       fwd: compute JVPs along the directions (forward mode).
       rev: compute VJPs with the cotangents (reverse mode).
       shapes: the checked leaves' shapes, in the order of the flat input.
-      batch: directions whose points are evaluated together (``jax.vmap``) in
-        each step of a ``lax.map`` over the directions; ``0``: all at once.
+      batch: points evaluated together (``jax.vmap``) in each step of a
+        ``lax.map`` over them; ``0``: all at once.
+      optimize: compile with XLA's full optimization, slower to compile and
+        faster to run; else with ``xla_backend_optimization_level=0``.
       eager: run without ``jax.jit`` and ``jax.vmap``, one point at a time.
     """
 
@@ -42,6 +44,7 @@ class Plan:
     rev: bool
     shapes: tuple[tuple[int, ...], ...]
     batch: int = 0
+    optimize: bool = False
     eager: bool = False
 
     def unflatten(self, x):
@@ -111,13 +114,20 @@ def program(target, plan, x, rest, vecs, dirs, ts, cots):
     return y0, grads, values, tangents
 
 
-_compiled = jax.jit(program, static_argnums=(0, 1))
+# A check runs its program once or a few times: compile fast rather than run
+# fast, except where unoptimized code is very slow (convolutions on XLA:CPU).
+_compiled = jax.jit(
+    program,
+    static_argnums=(0, 1),
+    compiler_options={"xla_backend_optimization_level": 0},
+)
+_optimized = jax.jit(program, static_argnums=(0, 1))
 _traced_call = jax.jit(tgt.call, static_argnums=0)
 
 
 def run(target, plan, xs, rest, vecs, dirs, ts, cots):
     """:func:`program`, compiled unless ``plan.eager``."""
-    fun = program if plan.eager else _compiled
+    fun = program if plan.eager else _optimized if plan.optimize else _compiled
     return fun(target, plan, xs, rest, vecs, dirs, ts, cots)
 
 
