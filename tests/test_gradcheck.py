@@ -563,3 +563,16 @@ def test_numpy_inside_f_is_a_clear_error():
     with pytest.raises(jax.errors.TracerArrayConversionError) as info:
         check_grads(f, (np.ones(2),))
     assert any("np.asarray" in note for note in info.value.__notes__)
+
+
+def test_unchecked_arguments_are_not_fixed_in_the_reused_check():
+    # The rule forgets the scale: right only while it is 1. The second check
+    # reuses the first one's compiled program with the new scale.
+    def f(x, scale):
+        return jnp.sin(x) * scale
+
+    buggy = with_vjp(f, lambda x, scale, g: (g * jnp.cos(x), jnp.zeros_like(scale)))
+    x = np.array([0.3, 0.6])
+    expect_pass(buggy, (x, np.ones(2)), argnums=0)
+    report = expect_bug(buggy, (x, np.full(2, 2.0)), argnums=0)
+    assert report.failures[0].path == "args[0]"

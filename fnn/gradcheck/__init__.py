@@ -51,17 +51,30 @@ def check_grads(
     of the output; reverse mode compares VJPs with two random Gaussian cotangents.
     The finite differences use six step sizes per element, scaled to the
     element's magnitude, and Richardson extrapolation, whose error estimate is
-    part of the tolerance.
+    part of the tolerance. Where ``f`` jumps (its change over a step stays the
+    same as the step shrinks) the check fails and says so, whatever the
+    derivative; failures at a kink or with a non-finite derivative say so too.
+
+    All evaluations of ``f`` for one derivative run in one compiled program,
+    which a later check of the same function with arguments of the same shapes
+    reuses. ``f`` that cannot be traced (Python control flow on values) is
+    evaluated without ``jax.jit`` and ``jax.vmap``, point by point.
 
     Args:
       f: the function, called as ``f(*args)``; it returns a pytree of arrays
         (integer outputs are ignored). It may use ``jax.custom_vjp`` (then only
         reverse mode is checked, and the report says so) or ``jax.custom_jvp``.
       args: a tuple of positional arguments; each may be a pytree (e.g. a dict of
-        arrays). Integer and boolean leaves are not checked.
+        arrays). Integer, boolean and empty leaves are not checked. Leaves that
+        are neither arrays nor checked floats (Python ints, strings) are fixed
+        in the compiled check, which a later check reuses only when they are
+        equal (the same object, when unhashable).
       order: ``1`` checks first derivatives; ``2`` also checks the derivatives of
         a gradient (VJP) and of a directional derivative (JVP) of ``f``, i.e.
-        Hessian-vector products, with the same modes.
+        Hessian-vector products, with the same modes. Through a
+        ``jax.custom_vjp`` there is no JVP of ``f``, and the gradient is checked
+        in reverse mode (reverse-over-reverse), and in forward mode where JAX
+        can differentiate the backward pass forward.
       modes: any of ``"fwd"`` and ``"rev"``.
       eps: the largest finite-difference step, absolute, for every element (the
         check also uses ``eps/4`` ... ``eps/4**5``). Default: ``0.01`` times each
@@ -91,7 +104,8 @@ def check_grads(
         holds the report.
       ValueError: if ``f`` cannot be checked in float64 (it returns a lower
         precision output or cotangent when given float64 inputs), is not finite
-        at ``args``, or the arguments are malformed.
+        at ``args``, has nothing to check (only empty inputs, or a mask that
+        leaves every element out), or the arguments are malformed.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -108,6 +122,11 @@ def check_grads(
       ... except GradientCheckError as e:
       ...     print(e.report.worst.path, e.report.worst.mode)
       args[0] rev
+      >>> try:
+      ...     check_grads(jnp.floor, (jnp.array([0.5, 2.0]),))
+      ... except GradientCheckError as e:
+      ...     print(e.report.worst.problem, e.report.worst.where())
+      jump args[0][1]
     """
     return run_check(
         f, args, order, modes, eps, atol, rtol, argnums, mask, max_directions, seed
