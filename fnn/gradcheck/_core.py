@@ -18,6 +18,9 @@ from fnn.gradcheck._target import Target
 NUM_RANDOM = 2  # dense Gaussian directions per leaf, on top of element/block ones
 NUM_COTANGENTS = 2  # random output cotangents in reverse mode
 LOW_PRECISION = ("float32", "float16", "bfloat16")
+# Operations whose code XLA:CPU runs several times slower unoptimized (windows
+# and convolutions are loops that only optimization vectorizes).
+SLOW_UNOPTIMIZED = ("conv_general_dilated", "reduce_window", "select_and_", "cum")
 
 
 @dataclasses.dataclass
@@ -33,7 +36,8 @@ class Fn:
       eager: whether it runs without jit (``f`` cannot be traced).
       batch: points evaluated together in each step of a ``lax.map`` over
         them; ``0``: all at once. ``1`` (one by one) for a function with a
-        convolution, which is then also compiled with full optimization.
+        convolution.
+      optimize: compile with XLA's full optimization (convolutions, pooling).
     """
 
     target: Target
@@ -43,6 +47,7 @@ class Fn:
     fwd_ok: bool = True
     eager: bool = False
     batch: int = 0
+    optimize: bool = False
 
     @property
     def label(self) -> str:
@@ -142,8 +147,11 @@ def first(target: Target, xs, rest, notes) -> Fn:
     target = dataclasses.replace(target, outputs=outputs)
     # Batched over every input at once, a convolution becomes a grouped
     # convolution, which XLA:CPU runs slowly: evaluate point by point.
-    conv = any(name == "conv_general_dilated" for name, _ in ops)
-    return Fn(target, 1, with_offsets(layout), eager=eager, batch=int(conv))
+    names = {name for name, _ in ops}
+    conv = "conv_general_dilated" in names
+    optimize = conv or any(n.startswith(SLOW_UNOPTIMIZED) for n in names)
+    layout = with_offsets(layout)
+    return Fn(target, 1, layout, eager=eager, batch=int(conv), optimize=optimize)
 
 
 def derive(fn: Fn, leaves, cfg: Config) -> list[Fn]:
@@ -154,9 +162,7 @@ def derive(fn: Fn, leaves, cfg: Config) -> list[Fn]:
         layout = with_offsets((f"vjp:{leaf.path}", leaf.shape) for leaf in leaves)
         target = dataclasses.replace(fn.target, steps=(*fn.target.steps, "vjp"))
         vecs = (*fn.vecs, u)
-        out.append(
-            Fn(target, fn.order + 1, layout, vecs, eager=fn.eager, batch=fn.batch)
-        )
+        out.append(_next(fn, target, layout, vecs))
     if "fwd" in cfg.modes and fn.fwd_ok:
         tangents = []
         for leaf in leaves:
@@ -166,10 +172,15 @@ def derive(fn: Fn, leaves, cfg: Config) -> list[Fn]:
         layout = tuple((f"jvp:{name}", shape, off) for name, shape, off in fn.layout)
         target = dataclasses.replace(fn.target, steps=(*fn.target.steps, "jvp"))
         vecs = (*fn.vecs, tuple(tangents))
-        out.append(
-            Fn(target, fn.order + 1, layout, vecs, eager=fn.eager, batch=fn.batch)
-        )
+        out.append(_next(fn, target, layout, vecs))
     return out
+
+
+def _next(fn: Fn, target: Target, layout, vecs) -> Fn:
+    """A derivative of ``fn``, evaluated the same way; forward mode to be tried."""
+    return dataclasses.replace(
+        fn, target=target, order=fn.order + 1, layout=layout, vecs=vecs, fwd_ok=True
+    )
 
 
 def _evaluate(fn: Fn, plan, x, rest, mat, ts, cots, notes):
@@ -263,7 +274,7 @@ def check_fn(fn: Fn, leaves, x, scale, rest, cfg: Config, notes) -> list:
     shapes = tuple(leaf.shape for leaf in leaves)
     want_fwd = "fwd" in cfg.modes and fn.fwd_ok
     rev = "rev" in cfg.modes
-    plan = prog.Plan(want_fwd, rev, shapes, fn.batch, fn.batch == 1, fn.eager)
+    plan = prog.Plan(want_fwd, rev, shapes, fn.batch, fn.optimize, fn.eager)
     ts = fd.steps(cfg.base)
     run = _Runner(fn, plan, rows, x, scale, rest, ts, cots, notes)
     y0, grads, values, tangents = run(dirs)

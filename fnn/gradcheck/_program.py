@@ -6,7 +6,9 @@ along every direction, each batched with ``jax.vmap``. A batch that varies
 every input at once turns a convolution into a grouped convolution, which
 XLA:CPU runs slowly (its cost grows faster than the number of groups), so for
 functions with convolutions the points are evaluated one after another
-(``lax.map``), and compiled with full optimization.
+(``lax.map``). Programs compile at ``xla_backend_optimization_level=0``, except
+for functions with convolutions or pooling windows, which run several times
+slower unoptimized.
 
 The program is ``jax.jit``-compiled with the :class:`~fnn.gradcheck._target.Target`
 and the :class:`Plan` as static arguments, so checking the same function again
@@ -115,7 +117,8 @@ def program(target, plan, x, rest, vecs, dirs, ts, cots):
 
 
 # A check runs its program once or a few times: compile fast rather than run
-# fast, except where unoptimized code is very slow (convolutions on XLA:CPU).
+# fast, except where unoptimized code is very slow (convolutions and pooling
+# windows on XLA:CPU).
 _compiled = jax.jit(
     program,
     static_argnums=(0, 1),
