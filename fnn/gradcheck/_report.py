@@ -41,6 +41,14 @@ class GradCheckEntry:
         infinite or NaN).
       jump: for a ``"jump"``, the change of the compared output (or of its
         projection on a cotangent) across the smallest step; else ``None``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import fnn
+      >>> report = fnn.check_grads(jnp.sin, (jnp.zeros(2),), modes="rev")
+      >>> entry = report.entries[0]
+      >>> entry.path, entry.mode, entry.passed, entry.problem
+      ('args[0]', 'rev', True, None)
     """
 
     of: str
@@ -93,6 +101,15 @@ class GradCheckReport:
       entries: the :class:`GradCheckEntry` of every checked combination.
       notes: things worth knowing about the check (modes skipped, leaves skipped,
         low-precision operations inside ``f``).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import fnn
+      >>> report = fnn.check_grads(jnp.tanh, (jnp.ones(3),))
+      >>> report.passed, len(report.entries), report.failures
+      (True, 2, ())
+      >>> report.notes
+      ('inputs upcast from float32 to float64.',)
     """
 
     entries: tuple[GradCheckEntry, ...]
@@ -211,6 +228,15 @@ class GradientCheckError(AssertionError):
 
     Attributes:
       report: the :class:`GradCheckReport` of the failed check.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import fnn
+      >>> try:
+      ...     fnn.check_grads(jnp.abs, (jnp.array([0.0, 1.0]),))
+      ... except fnn.GradientCheckError as e:
+      ...     print(e.report.failures[0].problem, e.report.failures[0].where())
+      kink args[0][0]
     """
 
     def __init__(self, report: GradCheckReport):
