@@ -282,8 +282,8 @@ def check_fn(fn: Fn, leaves, x, scale, rest, cfg: Config, notes) -> list:
     if not np.all(np.isfinite(y0)):
         col = int(np.flatnonzero(~np.isfinite(y0))[0])
         raise ValueError(
-            f"{fn.label} is {y0[col]!r} at {fn.output_name(col)}, so its derivatives "
-            f"cannot be checked at these inputs."
+            f"{fn.label} is {float(y0[col])!r} at {fn.output_name(col)}, so its "
+            f"derivatives cannot be checked at these inputs."
         )
     ctx = Shared(y0, cots, ts, scale, cfg.atol, cfg.rtol)
     entries = []

@@ -128,10 +128,10 @@ _optimized = jax.jit(program, static_argnums=(0, 1))
 _traced_call = jax.jit(tgt.call, static_argnums=0)
 
 
-def run(target, plan, xs, rest, vecs, dirs, ts, cots):
+def run(target, plan, x, rest, vecs, dirs, ts, cots):
     """:func:`program`, compiled unless ``plan.eager``."""
     fun = program if plan.eager else _optimized if plan.optimize else _compiled
-    return fun(target, plan, xs, rest, vecs, dirs, ts, cots)
+    return fun(target, plan, x, rest, vecs, dirs, ts, cots)
 
 
 def trace(target, xs, rest):
