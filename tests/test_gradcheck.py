@@ -409,7 +409,8 @@ def _gelu_vjp():
 
 
 def _silu_vjp(bug):
-    """SiLU whose backward pass is right, but whose own derivative is wrong."""
+    """SiLU with a custom backward pass, right at first order for every ``bug``;
+    a ``bug`` makes the backward pass's own derivative (the Hessian) wrong."""
     sigmoid = jax.nn.sigmoid
     if bug == "nested custom_vjp":
         # The derivative of the sigmoid inside the backward pass is doubled.
