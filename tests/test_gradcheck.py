@@ -356,3 +356,224 @@ def test_exactly_zero_gradient_is_no_false_alarm():
     x = rng(3).normal(size=(4, 3))
     report = expect_pass(f, (np.zeros(3), x), argnums=(0,))
     assert max(abs(e.analytic) for e in report.entries) < 1e-12
+
+
+def test_repeated_check_gives_the_same_report():
+    # The second check of the same function reuses its compiled program.
+    x = rng(9).standard_normal((2, 3, 5, 5))
+    w = rng(10).standard_normal((4, 3, 3, 3))
+    first = expect_pass(_conv_nchw, (x, w))
+    again = expect_pass(_conv_nchw, (x, w))
+    assert first.entries == again.entries
+
+
+# --- convolutions: plain autodiff, and a planted bug --------------------------
+
+
+def _conv_nchw(x, w):
+    dims = ("NCHW", "OIHW", "NCHW")
+    return lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=dims)
+
+
+def _conv_kernel_bug(bug):
+    def rule(x, w, g):
+        _, pull = jax.vjp(_conv_nchw, x, w)
+        dx, dw = pull(g)
+        return dx, dw.at[1, 2, 0, 1].multiply(ELEMENT_BUG if bug else 1.0)
+
+    return with_vjp(_conv_nchw, rule)
+
+
+def test_convolution_kernel_bug_is_named():
+    x = rng(11).standard_normal((2, 3, 6, 6))
+    w = rng(12).standard_normal((4, 3, 3, 3))
+    expect_pass(_conv_kernel_bug(False), (x, w))
+    report = expect_bug(_conv_kernel_bug(True), (x, w))
+    assert report.failures[0].path == "args[1]"
+    assert report.failures[0].index == (1, 2, 0, 1)
+
+
+# --- second order through custom_vjp: reverse over reverse ---------------------
+
+
+def _gelu_vjp():
+    def gelu(x):
+        return jax.nn.gelu(x, approximate=False)
+
+    def rule(x, g):
+        cdf = 0.5 * (1.0 + lax.erf(x / np.sqrt(2.0)))
+        pdf = jnp.exp(-0.5 * x * x) / np.sqrt(2.0 * np.pi)
+        return (g * (cdf + x * pdf),)
+
+    return with_vjp(gelu, rule)
+
+
+def _silu_vjp(bug):
+    """SiLU with a custom backward pass, right at first order for every ``bug``;
+    a ``bug`` makes the backward pass's own derivative (the Hessian) wrong."""
+    sigmoid = jax.nn.sigmoid
+    if bug == "nested custom_vjp":
+        # The derivative of the sigmoid inside the backward pass is doubled.
+        sigmoid = with_vjp(
+            jax.nn.sigmoid,
+            lambda x, g: (2.0 * g * jax.nn.sigmoid(x) * jax.nn.sigmoid(-x),),
+        )
+
+    def rule(x, g):
+        s = sigmoid(x)
+        if bug == "stop_gradient":
+            return (g * s * (1.0 + x * (1.0 - lax.stop_gradient(s))),)
+        return (g * s * (1.0 + x * (1.0 - s)),)
+
+    return with_vjp(jax.nn.silu, rule)
+
+
+def test_second_order_custom_vjp_is_checked_reverse_over_reverse():
+    x = np.linspace(-2.0, 2.0, 5)
+    report = expect_pass(_gelu_vjp(), (x,), order=2)
+    checked = {(e.of, e.mode) for e in report.entries}
+    assert ("vjp(f)", "rev") in checked
+    assert not any(e.of.startswith("jvp") for e in report.entries)
+
+
+@pytest.mark.parametrize("bug", ["stop_gradient", "nested custom_vjp"])
+def test_wrong_hessian_of_custom_vjp_is_caught(bug):
+    x = np.linspace(-2.0, 2.0, 5)
+    expect_pass(_silu_vjp(None), (x,), order=2)
+    expect_pass(_silu_vjp(bug), (x,))  # right at first order
+    report = expect_bug(_silu_vjp(bug), (x,), order=2)
+    assert {e.order for e in report.failures} == {2}
+    assert "rev" in {e.mode for e in report.failures}
+    assert report.failures[0].of == "vjp(f)"
+
+
+# --- points where f is not differentiable ---------------------------------------
+
+
+def _round_straight_through():
+    """Rounding with the identity as its gradient: wrong wherever it is checked."""
+    return with_vjp(lambda x: jnp.round(x), lambda x, g: (g,))
+
+
+JUMPS = {
+    "floor at integers": (jnp.floor, np.array([1.0, 2.0]), {(0,), (1,)}),
+    "sign at 0": (jnp.sign, np.array([-1.0, 0.0, 2.0]), {(1,)}),
+    "floor at one integer of 100": (
+        jnp.floor,
+        np.r_[[0.5] * 57, 3.0, [0.5] * 42],
+        {(57,)},
+    ),
+    "custom_vjp at a jump": (_round_straight_through(), np.array([0.5, 2.5]), None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(JUMPS))
+def test_jump_is_reported_as_a_discontinuity(case):
+    fun, x, where = JUMPS[case]
+    report = expect_bug(fun, (x,))
+    worst = report.failures[0]
+    assert worst.problem == "jump"
+    assert worst.path == "args[0]"
+    if where is not None:
+        assert worst.index in where
+    summary = report.summary()
+    assert f"jumps at {worst.where()}" in summary and "mask=" in summary
+
+
+def test_floor_away_from_its_jumps_passes():
+    expect_pass(jnp.floor, (np.array([1.5, -0.25, 2.75]),))
+
+
+def test_kink_failure_suggests_mask():
+    x = np.array([-1.0, 0.0, 2.0])
+    report = expect_bug(jax.nn.relu, (x,))
+    worst = report.failures[0]
+    assert worst.problem == "kink" and worst.where() == "args[0][1]"
+    assert "mask=" in report.summary()
+    expect_pass(jax.nn.relu, (x,), mask=lambda x: (x != 0,))
+
+
+def test_infinite_derivative_says_not_finite():
+    report = expect_bug(jnp.sqrt, (np.array([0.0, 1.0]),))
+    worst = report.failures[0]
+    assert worst.problem == "not finite" and worst.where() == "args[0][0]"
+    summary = report.summary()
+    assert "not finite at args[0][0]" in summary and "mask=" in summary
+    assert "tolerance nan" not in summary
+
+
+# --- arguments check_grads cannot use as they are -------------------------------
+
+
+def _branchy(x):
+    if x[0] > 0:  # Python control flow on a value: cannot be traced
+        return jnp.sin(x)
+    return jnp.cos(x)
+
+
+def _branchy_vjp(bug):
+    return with_vjp(
+        _branchy, lambda x, g: ((SCALE_BUG if bug else 1.0) * g * jnp.cos(x),)
+    )
+
+
+def test_python_control_flow_falls_back_to_evaluation_without_jit():
+    x = np.array([0.5, 1.0, 1.5])
+    report = expect_pass(_branchy, (x,))
+    assert any("could not be traced" in n for n in report.notes)
+    assert {e.mode for e in report.entries} == {"fwd", "rev"}
+    expect_pass(_branchy_vjp(False), (x,))
+    failed = expect_bug(_branchy_vjp(True), (x,)).failures[0]
+    assert failed.path == "args[0]" and failed.mode == "rev"
+
+
+def test_empty_input_is_skipped_with_a_note():
+    def f(x, y):
+        return jnp.sum(x) + jnp.sum(y**2)
+
+    report = expect_pass(f, (np.zeros((0, 3)), np.ones(3)))
+    assert {e.path for e in report.entries} == {"args[1]"}
+    assert any("empty" in n and "args[0]" in n for n in report.notes)
+    with pytest.raises(ValueError, match="no non-empty floating-point inputs"):
+        check_grads(jnp.sum, (np.zeros(0),))
+
+
+def test_mask_that_leaves_nothing_is_a_clear_error():
+    with pytest.raises(ValueError, match="mask leaves every element out"):
+        check_grads(jnp.sin, (np.ones(3),), mask=(np.zeros(3, bool),))
+
+
+def test_check_layer_with_state():
+    def init(key, shape):
+        features = (1, shape[-1])
+        return shape, {"scale": jnp.ones(features)}, {"mean": jnp.zeros(features)}
+
+    def apply(params, state, x, *, train):  # fails unless apply_kwargs arrive
+        mean = jnp.mean(x, axis=0, keepdims=True) if train else state["mean"]
+        return jnp.tanh((x - mean) * params["scale"]), state
+
+    model = (init, apply)
+    report = check_layer(model, (-1, 3), apply_kwargs={"train": True})
+    assert {e.path for e in report.entries} == {"params['scale']", "x"}
+
+
+def test_numpy_inside_f_is_a_clear_error():
+    def f(x):
+        return jnp.asarray(np.sin(np.asarray(x)))  # leaves JAX: not differentiable
+
+    with pytest.raises(jax.errors.TracerArrayConversionError) as info:
+        check_grads(f, (np.ones(2),))
+    assert any("np.asarray" in note for note in info.value.__notes__)
+
+
+def test_unchecked_arguments_are_not_fixed_in_the_reused_check():
+    # The rule forgets the scale: right only while it is 1. The second check
+    # reuses the first one's compiled program with the new scale.
+    def f(x, scale):
+        return jnp.sin(x) * scale
+
+    buggy = with_vjp(f, lambda x, scale, g: (g * jnp.cos(x), jnp.zeros_like(scale)))
+    x = np.array([0.3, 0.6])
+    expect_pass(buggy, (x, np.ones(2)), argnums=0)
+    report = expect_bug(buggy, (x, np.full(2, 2.0)), argnums=0)
+    assert report.failures[0].path == "args[0]"

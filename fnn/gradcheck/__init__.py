@@ -9,23 +9,14 @@ parameters and its input. The method is described in ``docs/gradcheck.md``.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from fnn.gradcheck import _args as argsmod
-from fnn.gradcheck import _core as core
-from fnn.gradcheck import _fd as fd
+from fnn.gradcheck._check import DEFAULT_MAX_DIRECTIONS, run_check
+from fnn.gradcheck._layer import check_layer
 from fnn.gradcheck._report import GradCheckEntry, GradCheckReport, GradientCheckError
 from fnn.gradcheck.nonfinite import NonFiniteReport, find_nonfinite
 from fnn.gradcheck.step import StepCheckError, StepCheckReport, check_step
-from fnn.model import compare
-from fnn.model.core import check_output_shape, describe
-from fnn.model.state import StatefulModel
 
 __all__ = [
     "GradCheckEntry",
@@ -39,11 +30,6 @@ __all__ = [
     "check_step",
     "find_nonfinite",
 ]
-
-DEFAULT_RTOL = 1e-6  # relative tolerance of the float64 comparison
-DEFAULT_ATOL = 0.0
-DEFAULT_MAX_DIRECTIONS = 64  # per leaf; larger leaves are checked in blocks
-LAYER_BATCH = 2  # what a leading -1 batch dimension becomes in check_layer
 
 
 def check_grads(
@@ -72,17 +58,30 @@ def check_grads(
     of the output; reverse mode compares VJPs with two random Gaussian cotangents.
     The finite differences use six step sizes per element, scaled to the
     element's magnitude, and Richardson extrapolation, whose error estimate is
-    part of the tolerance.
+    part of the tolerance. Where ``f`` jumps (its change over a step stays the
+    same as the step shrinks) the check fails and says so, whatever the
+    derivative; failures at a kink or with a non-finite derivative say so too.
+
+    All evaluations of ``f`` for one derivative run in one compiled program,
+    which a later check of the same function with arguments of the same shapes
+    reuses. ``f`` that cannot be traced (Python control flow on values) is
+    evaluated without ``jax.jit`` and ``jax.vmap``, point by point.
 
     Args:
       f: the function, called as ``f(*args)``; it returns a pytree of arrays
         (integer outputs are ignored). It may use ``jax.custom_vjp`` (then only
         reverse mode is checked, and the report says so) or ``jax.custom_jvp``.
       args: a tuple of positional arguments; each may be a pytree (e.g. a dict of
-        arrays). Integer and boolean leaves are not checked.
+        arrays). Integer, boolean and empty leaves are not checked. Leaves that
+        are neither arrays nor checked floats (Python ints, strings) are fixed
+        in the compiled check, which a later check reuses only when they are
+        equal (the same object, when unhashable).
       order: ``1`` checks first derivatives; ``2`` also checks the derivatives of
         a gradient (VJP) and of a directional derivative (JVP) of ``f``, i.e.
-        Hessian-vector products, with the same modes.
+        Hessian-vector products, with the same modes. Through a
+        ``jax.custom_vjp`` there is no JVP of ``f``, and the gradient is checked
+        in reverse mode (reverse-over-reverse), and in forward mode where JAX
+        can differentiate the backward pass forward.
       modes: any of ``"fwd"`` and ``"rev"``.
       eps: the largest finite-difference step, absolute, for every element (the
         check also uses ``eps/4`` ... ``eps/4**5``). Default: ``0.01`` times each
@@ -112,7 +111,8 @@ def check_grads(
         holds the report.
       ValueError: if ``f`` cannot be checked in float64 (it returns a lower
         precision output or cotangent when given float64 inputs), is not finite
-        at ``args``, or the arguments are malformed.
+        at ``args``, has nothing to check (only empty inputs, or a mask that
+        leaves every element out), or the arguments are malformed.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -129,184 +129,12 @@ def check_grads(
       ... except GradientCheckError as e:
       ...     print(e.report.worst.path, e.report.worst.mode)
       args[0] rev
+      >>> try:
+      ...     check_grads(jnp.floor, (jnp.array([0.5, 2.0]),))
+      ... except GradientCheckError as e:
+      ...     print(e.report.worst.problem, e.report.worst.where())
+      jump args[0][1]
     """
-    return _check(
+    return run_check(
         f, args, order, modes, eps, atol, rtol, argnums, mask, max_directions, seed
     )
-
-
-def _check(
-    f, args, order, modes, eps, atol, rtol, argnums, mask, max_dirs, seed, names=None
-) -> GradCheckReport:
-    if not isinstance(args, tuple | list):
-        raise TypeError(
-            f"args must be a tuple of positional arguments, got {type(args).__name__}."
-        )
-    args = tuple(args)
-    modes = (modes,) if isinstance(modes, str) else tuple(modes)
-    if not modes or any(m not in ("fwd", "rev") for m in modes):
-        raise ValueError(f"modes must be some of 'fwd' and 'rev', got {modes!r}.")
-    if not isinstance(order, int) or order < 1:
-        raise ValueError(f"order must be a positive integer, got {order!r}.")
-    if eps is not None and not eps > 0:
-        raise ValueError(f"eps must be positive, got {eps!r}.")
-    if max_dirs < 1:
-        raise ValueError(f"max_directions must be at least 1, got {max_dirs!r}.")
-    if argnums is None:
-        argnums = tuple(range(len(args)))
-    argnums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
-    if any(not -len(args) <= a < len(args) for a in argnums):
-        raise ValueError(f"argnums {argnums!r} out of range for {len(args)} args.")
-    argnums = tuple(a % len(args) for a in argnums)
-    names = names or tuple(f"args[{k}]" for k in range(len(args)))
-    cfg = core.Config(
-        modes=modes,
-        atol=DEFAULT_ATOL if atol is None else float(atol),
-        rtol=DEFAULT_RTOL if rtol is None else float(rtol),
-        base=fd.DEFAULT_BASE_STEP if eps is None else float(eps),
-        max_directions=int(max_dirs),
-        rng=np.random.default_rng(seed),
-    )
-    notes: list[str] = []
-    with jax.enable_x64(True):
-        leaves, x0, scale, actives, tree_fn = argsmod.prepare(
-            f, args, argnums, mask, names, eps, notes
-        )
-        if not leaves:
-            raise ValueError(
-                f"no floating-point inputs to check among args at argnums {argnums!r}."
-            )
-        base = core.make_fn("f", 1, tree_fn, x0, None, notes, modes)
-        low = core.low_precision_ops(base.flat, x0)
-        if low:
-            notes.append(
-                f"f computes in lower precision inside ({', '.join(sorted(low))}); "
-                f"the check can be no more accurate than that."
-            )
-        fns, frontier = [base], [base]
-        for k in range(2, order + 1):
-            frontier = [
-                core.make_fn(label, k, g, x0, out_names, notes, modes)
-                for fn in frontier
-                for label, g, out_names in core.derive(fn, leaves, scale, actives, cfg)
-            ]
-            fns.extend(frontier)
-        entries = []
-        for fn in fns:
-            entries.extend(core.check_fn(fn, leaves, x0, scale, actives, cfg, notes))
-    report = GradCheckReport(tuple(entries), tuple(dict.fromkeys(notes)))
-    if not report.passed:
-        raise GradientCheckError(report)
-    return report
-
-
-def check_layer(
-    layer: tuple[Callable, Callable],
-    input_shape: tuple,
-    *,
-    key: jax.Array | None = None,
-    x: Any = None,
-    input_dtype: Any = jnp.float32,
-    order: int = 1,
-    modes: Sequence[str] = ("fwd", "rev"),
-    eps: float | None = None,
-    atol: float | None = None,
-    rtol: float | None = None,
-    max_directions: int = DEFAULT_MAX_DIRECTIONS,
-    seed: int = 0,
-) -> GradCheckReport:
-    """Checks a layer's ``apply`` with respect to its params and its input.
-
-    The layer's output is reduced to a scalar by a fixed random projection (a
-    Gaussian weight per output element), and :func:`check_grads` checks that
-    scalar as a function of ``(params, x)`` in float64. Report paths read
-    ``params['w']`` and ``x`` (``x[0]``, ``x[1]`` for several inputs). Integer
-    inputs, such as token ids, are not checked; only the params are.
-
-    Args:
-      layer: an ``(init, apply)`` pair: ``init(key, input_shape) ->
-        (output_shape, params)`` and ``apply(params, x, *, key=None) -> y``;
-        or a model from :func:`fnn.with_state`, checked in evaluation (no
-        ``key``) with its initial state held constant.
-      input_shape: the input's shape, whose leading dimension may be ``-1``
-        (replaced by 2), or a tuple of shapes for a layer with several inputs.
-      key: a ``jax.random.key`` for ``init``; default ``jax.random.key(0)``.
-      x: the input to check at (an array, or a tuple of arrays); default random
-        normal values of ``input_shape`` (integers in ``[0, 2)`` for integer
-        ``input_dtype``).
-      input_dtype: dtype of the generated input, or a tuple with one per input.
-      order: as in :func:`check_grads`.
-      modes: as in :func:`check_grads`.
-      eps: as in :func:`check_grads`.
-      atol: as in :func:`check_grads`.
-      rtol: as in :func:`check_grads`.
-      max_directions: as in :func:`check_grads`.
-      seed: seed of the generated input, the projection and the directions.
-
-    Returns:
-      The :class:`GradCheckReport`.
-
-    Raises:
-      GradientCheckError: if a gradient is wrong.
-      ShapeError: if the output shape ``init`` claims is not the one ``apply``
-        returns (``-1`` matching any batch).
-      ValueError: as :func:`check_grads`.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> from fnn.gradcheck import check_layer
-      >>> def init(key, shape):
-      ...     return shape, {"scale": jnp.array(2.0)}
-      >>> def apply(params, x, *, key=None):
-      ...     return jnp.tanh(x * params["scale"])
-      >>> check_layer((init, apply), (-1, 3)).passed
-      True
-    """
-    init, apply = layer
-    rng = np.random.default_rng(seed)
-    multi = len(input_shape) > 0 and isinstance(input_shape[0], tuple | list)
-    shapes = tuple(input_shape) if multi else (input_shape,)
-    concrete = [tuple(LAYER_BATCH if d == -1 else d for d in s) for s in shapes]
-    key = jax.random.key(0) if key is None else key
-    if isinstance(layer, StatefulModel):  # evaluation, the state a constant
-        out_shape, params, state = init(key, input_shape)
-        apply = functools.partial(_apply_with_state, layer.apply, state)
-    else:
-        out_shape, params = init(key, input_shape)
-    if x is None:
-        dtypes = input_dtype if isinstance(input_dtype, tuple | list) else None
-        xs = []
-        for k, s in enumerate(concrete):
-            dt = np.dtype(dtypes[k] if dtypes else input_dtype)
-            if np.issubdtype(dt, np.integer):
-                xs.append(rng.integers(0, 2, size=s).astype(dt))
-            else:
-                xs.append(rng.standard_normal(s).astype(dt))
-        x = tuple(xs) if multi else xs[0]
-    out = jax.eval_shape(apply, params, x)
-    desc = describe(getattr(init, "fnn_layer", layer))
-    check_output_shape(desc, out_shape, compare.shape_tree(out), compare.shape_tree(x))
-    proj = [rng.standard_normal(o.shape) for o in jax.tree.leaves(out)]
-
-    def loss(p, inputs):
-        ys = jax.tree.leaves(apply(p, inputs))
-        return sum(jnp.sum(y * w) for y, w in zip(ys, proj))
-
-    return _check(
-        loss,
-        (params, x),
-        order,
-        modes,
-        eps,
-        atol,
-        rtol,
-        None,
-        None,
-        max_directions,
-        seed,
-        names=("params", "x"),
-    )
-
-
-def _apply_with_state(apply: Callable, state: Any, params: Any, x: Any) -> Any:
-    return apply(params, state, x)[0]

@@ -1,4 +1,9 @@
-"""Arguments of :func:`fnn.check_grads`: upcast, mask and flatten into one vector."""
+"""Arguments of :func:`fnn.check_grads`: upcast, mask, and split into leaves.
+
+The checked leaves (float arrays at the checked argnums) become float64 arrays;
+the other array leaves are passed alongside them; everything else (Python
+numbers, strings) is held by the :class:`~fnn.gradcheck._target.Target`.
+"""
 
 from __future__ import annotations
 
@@ -9,21 +14,41 @@ import jax.numpy as jnp
 import numpy as np
 
 from fnn.gradcheck import _fd as fd
+from fnn.gradcheck._target import Static, Target
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Leaf:
-    """One checked input leaf: where it sits in the flat float64 input vector."""
+    """One checked input leaf.
+
+    Attributes:
+      path: its name, e.g. ``"args[0]['w']"``.
+      shape: its shape.
+      offset: where it starts in the flat input vector.
+      x: its float64 values, flattened.
+      scale: the step scale of each element, flattened.
+      active: the indices, in the flat input vector, that the mask keeps.
+    """
 
     path: str
     shape: tuple[int, ...]
     offset: int
-    size: int
+    x: np.ndarray
+    scale: np.ndarray
+    active: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return self.x.size
 
 
-def unflatten(x, leaves):
-    """The leaf arrays of the flat input vector ``x``."""
-    return tuple(x[v.offset : v.offset + v.size].reshape(v.shape) for v in leaves)
+@dataclasses.dataclass(frozen=True, eq=False)
+class Prepared:
+    """The leaves to check, the target ``f`` and the other array leaves."""
+
+    leaves: tuple[Leaf, ...]
+    target: Target
+    rest: tuple
 
 
 def _is_float(x) -> bool:
@@ -35,8 +60,8 @@ def _is_float(x) -> bool:
     return dtype is not None and jnp.issubdtype(dtype, jnp.floating)
 
 
-def _to64(x):
-    return jax.device_put(np.asarray(x, dtype=np.float64)) if _is_float(x) else x
+def _is_array(x) -> bool:
+    return isinstance(x, jax.Array | np.ndarray | np.generic)
 
 
 def _mask_lookup(mask, args) -> dict[str, np.ndarray]:
@@ -52,32 +77,40 @@ def _mask_lookup(mask, args) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(p): np.asarray(v, dtype=bool) for p, v in flat}
 
 
-def prepare(f, args, argnums, mask, names, eps, notes):
-    """Upcast ``args`` and flatten the checked leaves into one float64 vector.
-
-    Returns ``(leaves, x0, scale, active, tree_fn)``: ``tree_fn(x)`` is ``f`` of
-    the flat vector ``x``; ``active`` lists the flat indices the mask keeps.
-    """
+def prepare(f, args, argnums, mask, names, eps, notes) -> Prepared:
+    """Upcast ``args``, pick the checked leaves, and describe ``f`` of them."""
     masks = _mask_lookup(mask, args)
     flat, treedef = jax.tree_util.tree_flatten_with_path(args)
-    all64, leaves, xs, scales, actives, positions = [], [], [], [], [], []
-    skipped, upcast, masked, offset = [], set(), 0, 0
+    leaves, checked, dynamic, rest, static = [], [], [], [], []
+    skipped, empty, upcast, masked, offset = [], [], set(), 0, 0
     for pos, (path, value) in enumerate(flat):
         argnum = path[0].idx
-        checked = argnum in argnums
-        all64.append(_to64(value) if checked or not isinstance(value, float) else value)
-        if not checked:
-            continue
         name = names[argnum] + jax.tree_util.keystr(path[1:])
-        if not _is_float(value):
-            if jnp.iscomplexobj(value):
+        if argnum in argnums and _is_float(value):
+            x = np.asarray(value, dtype=np.float64)
+        elif _is_array(value):
+            if argnum in argnums and jnp.issubdtype(value.dtype, jnp.complexfloating):
                 raise ValueError(f"check_grads does not support complex input {name}.")
-            skipped.append(f"{name} ({np.asarray(value).dtype})")
+            if argnum in argnums:
+                skipped.append(f"{name} ({value.dtype})")
+            if _is_float(value):
+                value = jax.device_put(np.asarray(value, dtype=np.float64))
+            dynamic.append(pos)
+            rest.append(value)
+            continue
+        else:
+            if argnum in argnums and not isinstance(value, float):
+                skipped.append(f"{name} ({type(value).__name__})")
+            static.append((pos, Static(value)))
             continue
         dtype = getattr(value, "dtype", None) or np.asarray(value).dtype
         if dtype != jnp.float64:
             upcast.add(str(dtype))
-        x = np.asarray(all64[-1], dtype=np.float64)
+        if x.size == 0:
+            empty.append(f"{name} (shape {x.shape})")
+            dynamic.append(pos)
+            rest.append(jax.device_put(x))
+            continue
         keep = masks.get(jax.tree_util.keystr(path), np.ones((), bool))
         try:
             keep = np.broadcast_to(keep, x.shape).ravel()
@@ -87,25 +120,25 @@ def prepare(f, args, argnums, mask, names, eps, notes):
                 f"to the input's shape {x.shape}."
             ) from None
         masked += int(keep.size - keep.sum())
-        leaves.append(Leaf(name, x.shape, offset, x.size))
-        xs.append(x.ravel())
-        scales.append(fd.element_scale(x.ravel()) if eps is None else np.ones(x.size))
-        actives.append(offset + np.flatnonzero(keep))
-        positions.append(pos)
+        scale = fd.element_scale(x.ravel()) if eps is None else np.ones(x.size)
+        active = offset + np.flatnonzero(keep)
+        leaves.append(Leaf(name, x.shape, offset, x.ravel(), scale, active))
+        checked.append(pos)
         offset += x.size
     if upcast:
         notes.append(f"inputs upcast from {', '.join(sorted(upcast))} to float64.")
     if skipped:
         notes.append(f"skipped non-float inputs: {', '.join(skipped)}.")
+    if empty:
+        notes.append(f"skipped empty inputs: {', '.join(empty)}.")
     if masked:
         notes.append(f"mask excluded {masked} input elements.")
-
-    def tree_fn(x):
-        leaves_now = list(all64)
-        for p, val in zip(positions, unflatten(x, leaves)):
-            leaves_now[p] = val
-        return f(*jax.tree_util.tree_unflatten(treedef, leaves_now))
-
-    if not leaves:
-        return leaves, np.zeros(0), np.zeros(0), [], tree_fn
-    return leaves, np.concatenate(xs), np.concatenate(scales), actives, tree_fn
+    target = Target(
+        f=Static(f),
+        treedef=treedef,
+        checked=tuple(checked),
+        dynamic=tuple(dynamic),
+        static=tuple(static),
+        paths=tuple(leaf.path for leaf in leaves),
+    )
+    return Prepared(tuple(leaves), target, tuple(rest))

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 NUM_LEVELS = 6  # step sizes base, base/4, ..., base/4**5
@@ -22,9 +20,10 @@ DEFAULT_BASE_STEP = 1e-2  # largest step, relative to each element's scale
 SCALE_FLOOR = 1e-2  # elements near zero use this fraction of the leaf's rms
 ROUNDING_FACTOR = 8.0
 EPS64 = float(np.finfo(np.float64).eps)
+SHAPE_LEVELS = 3  # the smallest steps that tell a jump or a kink
+SHAPE_RTOL = 0.1  # how closely their differences must agree
+NOISE_FACTOR = 1e3  # multiples of the rounding error a jump or kink must exceed
 CHUNK_FLOATS = 2**22  # floats per batched evaluation (32 MiB in float64)
-# Checks run each compiled function a few times: compile fast rather than run fast.
-COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
 def steps(base: float) -> np.ndarray:
@@ -73,47 +72,42 @@ def directions(
         one = np.ones(1)
         out = [Direction("element", np.array([i]), one) for i in active]
     else:
-        for block in np.array_split(rng.permutation(active), max_directions):
-            signs = rng.choice(np.array([-1.0, 1.0]), size=block.size)
-            out.append(Direction("block", np.sort(block), signs))
+        signs = rng.choice(np.array([-1.0, 1.0]), size=active.size)
+        blocks = np.array_split(rng.permutation(active), max_directions)
+        for block, sign in zip(blocks, np.array_split(signs, max_directions)):
+            out.append(Direction("block", np.sort(block), sign))
     for _ in range(num_random if active.size > 1 else 0):
         out.append(Direction("random", active, rng.standard_normal(active.size)))
     return out
 
 
-def direction_matrix(
-    dirs: list[Direction], scale: np.ndarray, rows: int = 0
-) -> np.ndarray:
-    """Dense ``(rows, n)`` matrix of the scaled directions ``s * d``, zero-padded."""
-    mat = np.zeros((rows or len(dirs), scale.size))
+def direction_matrix(dirs: list[Direction], scale: np.ndarray, rows: int) -> np.ndarray:
+    """Dense ``(rows, n)`` matrix of the scaled directions ``s * d``.
+
+    Rows past ``len(dirs)`` are zero (padding to a fixed number of rows).
+    """
+    mat = np.zeros((rows, scale.size))
     for row, d in zip(mat, dirs):
         row[d.indices] = d.weights * scale[d.indices]
     return mat
 
 
-def chunk_size(n_in: int, n_out: int) -> int:
-    """How many directions to evaluate in one batched call."""
-    return max(1, CHUNK_FLOATS // (2 * NUM_LEVELS * (n_in + n_out)))
+def rows_per_call(n_in: int, n_out: int, n_dirs: int) -> int:
+    """How many directions one evaluation takes.
 
-
-def perturbed(x: np.ndarray, dirs: np.ndarray, ts: np.ndarray) -> np.ndarray:
-    """Points ``x + t * d`` for every direction row and ``t`` in ``(ts, -ts)``.
-
-    Returns shape ``(len(dirs) * 2 * len(ts), n)``.
+    Their ``2 * NUM_LEVELS`` points each, inputs and outputs, come to about
+    ``CHUNK_FLOATS`` floats at most.
     """
-    offsets = np.concatenate([ts, -ts])
-    pts = x[None, None, :] + offsets[None, :, None] * dirs[:, None, :]
-    return pts.reshape(-1, x.size)
+    return max(1, min(n_dirs, CHUNK_FLOATS // (2 * NUM_LEVELS * (n_in + n_out))))
 
 
 def central(values: np.ndarray, ts: np.ndarray) -> np.ndarray:
-    """Central differences from ``perturbed`` outputs ``(nd * 2K, m)``.
+    """Central differences from the outputs ``(r, 2K, m)`` at ``x + t * d``.
 
-    Returns shape ``(K, nd, m)``.
+    Returns shape ``(K, r, m)``.
     """
     k = ts.size
-    v = values.reshape(-1, 2 * k, values.shape[-1])
-    diffs = (v[:, :k] - v[:, k:]) / (2.0 * ts[None, :, None])
+    diffs = (values[:, :k] - values[:, k:]) / (2.0 * ts[None, :, None])
     return np.moveaxis(diffs, 1, 0)
 
 
@@ -141,50 +135,43 @@ def extrapolate(diffs: np.ndarray, ts: np.ndarray, fabs: np.ndarray):
     return numeric, np.maximum(err, rounding)
 
 
-class Compiled:
-    """``jax.jit(fun)``, falling back to ``fallback`` (default ``fun``) if that fails.
+def shape_of(values: np.ndarray, y0: np.ndarray, ts: np.ndarray, proj=None):
+    """Which comparisons sit at a jump of ``f``, and which at a kink.
 
-    Functions that cannot be traced (Python control flow on values) still run,
-    more slowly, without jit.
+    Along a direction, ``f(x + t) - f(x - t)`` tends to 0 like ``t`` where ``f``
+    is differentiable; it stays the same for the smallest steps where ``f``
+    jumps (so the central difference grows like ``1/t``). ``(f(x + t) + f(x - t)
+    - 2 f(x)) / t``, the difference of the one-sided derivatives, tends to 0 too;
+    it stays the same where ``f`` has a kink. Both must be steady over the
+    ``SHAPE_LEVELS`` smallest steps and far above rounding error.
+
+    Args:
+      values: the outputs at ``x + t * d`` for ``t`` in ``(ts, -ts)``, shape
+        ``(r, 2K, m)``.
+      y0: the outputs at ``x``, shape ``(m,)``.
+      ts: the steps, largest first.
+      proj: ``None`` to compare output by output, or a matrix ``(m, C)`` that
+        projects the outputs first (reverse mode's cotangents).
+
+    Returns:
+      ``(jump, size, kink)``, each of shape ``(r, m)`` or ``(r, C)``: whether
+      ``f`` jumps, by how much at the smallest step, and whether it has a kink.
     """
-
-    def __init__(self, fun, fallback=None):
-        self.fun = fun
-        self.jitted = jax.jit(fun, compiler_options=COMPILER_OPTIONS)
-        self.fallback = fallback or fun
-        self.ok = True
-
-    def __call__(self, *args):
-        if self.ok:
-            try:
-                return self.jitted(*args)
-            except Exception:  # noqa: BLE001 - retried below, which re-raises
-                self.ok = False
-        return self.fallback(*args)
+    k, tail = ts.size, slice(ts.size - SHAPE_LEVELS, ts.size)
+    up, down = values[:, :k][:, tail], values[:, k:][:, tail]
+    change = up - down
+    bend = (up + down - 2.0 * y0) / ts[tail][None, :, None]
+    scale = np.abs(y0)
+    if proj is not None:
+        change, bend, scale = change @ proj, bend @ proj, scale @ np.abs(proj)
+    noise = NOISE_FACTOR * ROUNDING_FACTOR * EPS64 * scale
+    with np.errstate(invalid="ignore"):
+        jump = _steady(change) & (np.abs(change[:, -1]) > noise)
+        kink = _steady(bend) & (np.abs(bend[:, -1]) > noise / ts[-1])
+    return jump, change[:, -1], kink
 
 
-def perturbed_values(fun) -> Compiled:
-    """``(x, dirs, ts) -> fun`` at every point of :func:`perturbed`, batched."""
-
-    def batched(x, dirs, ts):
-        offsets = jnp.concatenate([ts, -ts])
-        pts = x[None, None, :] + offsets[None, :, None] * dirs[:, None, :]
-        return jax.vmap(fun)(pts.reshape(-1, x.shape[0]))
-
-    def one_by_one(x, dirs, ts):
-        pts = perturbed(np.asarray(x), np.asarray(dirs), np.asarray(ts))
-        return jnp.stack([fun(jax.device_put(p)) for p in pts])
-
-    return Compiled(batched, one_by_one)
-
-
-def batched_jvps(fun) -> Compiled:
-    """``(x, dirs) -> `` the JVP of ``fun`` at ``x`` along every row of ``dirs``."""
-
-    def one(x, t):
-        return jax.jvp(fun, (x,), (t,))[1]
-
-    def one_by_one(x, dirs):
-        return jnp.stack([one(x, t) for t in dirs])
-
-    return Compiled(jax.vmap(one, in_axes=(None, 0)), one_by_one)
+def _steady(a: np.ndarray) -> np.ndarray:
+    """Whether ``a[:, level]`` agrees over its levels (the smallest steps)."""
+    last = a[:, -1:]
+    return np.all(np.abs(a - last) <= SHAPE_RTOL * np.abs(last), axis=1)

@@ -33,6 +33,22 @@ class GradCheckEntry:
       fd_err: the estimated error of ``numeric`` itself.
       checked: how many comparisons were made for this path and mode.
       failed: how many of them exceeded their tolerance.
+      problem: ``None`` when every comparison passed; else what the worst
+        failure is: ``"mismatch"`` (autodiff and finite differences disagree),
+        ``"jump"`` (the function is discontinuous there: its change over a
+        step stays the same as the step shrinks), ``"kink"`` (its one-sided
+        derivatives differ there) or ``"not finite"`` (a derivative is
+        infinite or NaN).
+      jump: for a ``"jump"``, the change of the compared output (or of its
+        projection on a cotangent) across the smallest step; else ``None``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import fnn
+      >>> report = fnn.check_grads(jnp.sin, (jnp.zeros(2),), modes="rev")
+      >>> entry = report.entries[0]
+      >>> entry.path, entry.mode, entry.passed, entry.problem
+      ('args[0]', 'rev', True, None)
     """
 
     of: str
@@ -50,6 +66,8 @@ class GradCheckEntry:
     fd_err: float
     checked: int
     failed: int
+    problem: str | None = None
+    jump: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -58,7 +76,12 @@ class GradCheckEntry:
 
     @property
     def ratio(self) -> float:
-        """``abs_err / tol`` of the worst comparison; above 1 means a failure."""
+        """``abs_err / tol`` of the worst comparison; above 1 means a failure.
+
+        Infinite at a jump and where a derivative is not finite.
+        """
+        if self.problem in ("jump", "not finite"):
+            return math.inf
         if self.tol > 0:
             return self.abs_err / self.tol
         return 0.0 if self.abs_err == 0 else math.inf
@@ -78,6 +101,15 @@ class GradCheckReport:
       entries: the :class:`GradCheckEntry` of every checked combination.
       notes: things worth knowing about the check (modes skipped, leaves skipped,
         low-precision operations inside ``f``).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import fnn
+      >>> report = fnn.check_grads(jnp.tanh, (jnp.ones(3),))
+      >>> report.passed, len(report.entries), report.failures
+      (True, 2, ())
+      >>> report.notes
+      ('inputs upcast from float32 to float64.',)
     """
 
     entries: tuple[GradCheckEntry, ...]
@@ -105,14 +137,7 @@ class GradCheckReport:
         """One sentence: what failed worst, with its values, or that all passed."""
         if not self.failures:
             return f"All {len(self.entries)} gradient checks passed."
-        e = self.failures[0]
-        out = f", output {e.output}" if e.output else ""
-        return (
-            f"Gradient check failed for {e.where()} ({e.mode}-mode {_order(e)} of "
-            f"{e.of}{out}): analytic {e.analytic:.9g} vs numeric {e.numeric:.9g}, "
-            f"abs error {e.abs_err:.3g}, rel error {e.rel_err:.3g} > tolerance "
-            f"{e.tol:.3g} ({e.failed} of {e.checked} comparisons failed)."
-        )
+        return _sentence(self.failures[0])
 
     def __str__(self) -> str:
         header = (
@@ -140,7 +165,7 @@ class GradCheckReport:
                     f"{e.abs_err:.2e}",
                     f"{e.rel_err:.2e}",
                     f"{e.tol:.2e}",
-                    f"{e.failed}/{e.checked}" + ("  FAIL" if e.failed else ""),
+                    f"{e.failed}/{e.checked}" + _flag(e),
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -151,8 +176,47 @@ class GradCheckReport:
         return "\n".join(lines)
 
 
+def _flag(e: GradCheckEntry) -> str:
+    if not e.failed:
+        return ""
+    return "  FAIL" + (f" ({e.problem})" if e.problem not in (None, "mismatch") else "")
+
+
 def _order(e: GradCheckEntry) -> str:
     return "derivative" if e.order == 1 else f"order-{e.order} derivative"
+
+
+def _sentence(e: GradCheckEntry) -> str:
+    """The one-sentence summary of the failed entry ``e``."""
+    out = f", output {e.output}" if e.output else ""
+    what = f"{e.mode}-mode {_order(e)} of {e.of}{out}"
+    counts = f"{e.failed} of {e.checked} comparisons failed"
+    values = f"analytic {e.analytic:.9g} vs numeric {e.numeric:.9g}"
+    if e.problem == "jump":
+        return (
+            f"Gradient check failed: {e.of} jumps at {e.where()} ({what}): its "
+            f"change across the step stays {e.jump:.3g} as the step shrinks, so "
+            f"the finite difference grows like 1/step ({values}) and {e.of} is "
+            f"discontinuous there, with no derivative to check; leave such points "
+            f"out with mask= ({counts})."
+        )
+    if e.problem == "not finite":
+        return (
+            f"Gradient check failed: the derivative is not finite at {e.where()} "
+            f"({what}): {values}; {e.of} may not be differentiable or not defined "
+            f"there, so leave such elements out with mask= ({counts})."
+        )
+    if e.problem == "kink":
+        return (
+            f"Gradient check failed for {e.where()} ({what}): {values}, at a kink "
+            f"of {e.of} (its one-sided derivatives differ there), where it is not "
+            f"differentiable; leave such points out with mask= ({counts})."
+        )
+    return (
+        f"Gradient check failed for {e.where()} ({what}): {values}, abs error "
+        f"{e.abs_err:.3g}, rel error {e.rel_err:.3g} > tolerance {e.tol:.3g} "
+        f"({counts})."
+    )
 
 
 class GradientCheckError(AssertionError):
@@ -164,6 +228,15 @@ class GradientCheckError(AssertionError):
 
     Attributes:
       report: the :class:`GradCheckReport` of the failed check.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import fnn
+      >>> try:
+      ...     fnn.check_grads(jnp.abs, (jnp.array([0.0, 1.0]),))
+      ... except fnn.GradientCheckError as e:
+      ...     print(e.report.failures[0].problem, e.report.failures[0].where())
+      kink args[0][0]
     """
 
     def __init__(self, report: GradCheckReport):
