@@ -121,6 +121,21 @@ def _rule_match(rule: Rule, name: str, sep: str) -> tuple[int, Any] | None:
     return None
 
 
+def split_rename(name: str, mapping: Mapping[Rule, str | None], sep: str = "/") -> Any:
+    """``(new head, rest of name)`` for the first entry of ``mapping`` that
+    covers ``name``; ``None`` when it leaves ``name`` out, ``...`` when no
+    entry matches."""
+    for rule, new in mapping.items():
+        found = _rule_match(rule, name, sep)
+        if found is None:
+            continue
+        if new is None:
+            return None
+        end, m = found
+        return (m.expand(new) if m is not None else new), name[end:].lstrip(sep)
+    return ...
+
+
 def rename(name: str, mapping: Mapping[Rule, str | None], sep: str = "/") -> Any:
     """``name`` under ``mapping``: the new name, ``None`` (left out), or ``...``
     when no entry matches.
@@ -135,17 +150,10 @@ def rename(name: str, mapping: Mapping[Rule, str | None], sep: str = "/") -> Any
       >>> rename("head/w", {"head": None}) is None
       True
     """
-    for rule, new in mapping.items():
-        found = _rule_match(rule, name, sep)
-        if found is None:
-            continue
-        if new is None:
-            return None
-        end, m = found
-        head = m.expand(new) if m is not None else new
-        rest = name[end:].lstrip(sep) if rule != "" else name
-        return sep.join(p for p in (head, rest) if p)
-    return ...
+    found = split_rename(name, mapping, sep)
+    if not isinstance(found, tuple):
+        return found
+    return sep.join(p for p in found if p)
 
 
 def excluded(path: str, exclude: Iterable[Rule], sep: str = "/") -> bool:
@@ -167,6 +175,7 @@ def match(
     mapping: Mapping[Rule, str | None] | None = None,
     exclude: Iterable[Rule] = (),
     same_dtype: bool = True,
+    origin: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Pairs every loaded target path with its saved name.
 
@@ -181,6 +190,8 @@ def match(
       exclude: target paths not loaded.
       same_dtype: whether a dtype difference is an error (a checkpoint) or a
         cast (a params file).
+      origin: where a saved name came from, shown in messages (the PyTorch
+        key of a converted weight).
 
     Returns:
       ``{target path: saved name}`` for every target leaf that is loaded.
@@ -198,8 +209,9 @@ def match(
         path = name if path is ... else path
         if path is None or excluded(path, exclude):
             continue
+        shown = name if origin is None else f"{name} (from {origin[name]})"
         if path not in target:
-            unused.append(name if path == name else f"{name} (as {path})")
+            unused.append(shown if path == name else f"{shown} (as {path})")
             continue
         if path in pairs:
             doubled.append(f"{path} (from {pairs[path]} and {name})")
@@ -210,8 +222,9 @@ def match(
         if want.shape != leaf.shape or (
             (same_dtype or key_mismatch) and want.dtype != leaf.dtype
         ):
+            at = path if origin is None else f"{path} (from {origin[name]})"
             differ.append(
-                f"{path} (saved {leaf.dtype}{list(leaf.shape)}, target "
+                f"{at} (saved {leaf.dtype}{list(leaf.shape)}, target "
                 f"{want.dtype}{list(want.shape)})"
             )
     missing = [p for p in target if p not in pairs and not excluded(p, exclude)]
