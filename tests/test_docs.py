@@ -18,6 +18,7 @@ PAGES = [
     "docs/transformer.md",
     "docs/gradcheck.md",
     "docs/training.md",
+    "docs/weights.md",
 ]
 
 

@@ -182,11 +182,12 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def all_steps(self) -> list[int]:
-        """The steps of all complete checkpoints on disk, in increasing order.
+        """The steps of all complete checkpoints, in increasing order.
 
-        A checkpoint still being written (:meth:`wait`), or one whose
-        directory lacks a part (an interrupted clean-up) is not listed.
+        Waits for pending saves first. A checkpoint whose directory lacks a
+        part (a clean-up or a copy interrupted) is not listed.
         """
+        self._manager.wait_until_finished()
         return files.complete_steps(self.directory)
 
     def _step(self, step: int | None, caller: str) -> int:
