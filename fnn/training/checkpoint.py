@@ -139,13 +139,12 @@ class Checkpointer:
         """
         paths, leaves, _ = paths_and_leaves("Checkpointer.save", tree)
         stored = [files.storable(leaf) for leaf in leaves]
-        records = []
-        for path, leaf, value in zip(paths, leaves, stored):
-            shape, dtype = describe(leaf)
-            records.append(
-                {"path": path, "shape": list(shape), "dtype": dtype, "crc32": None}
-            )
-            records[-1]["crc32"] = files.checksum(value)
+        records = [
+            {"path": p, "shape": list(d.shape), "dtype": d.dtype, "crc32": None}
+            for p, d in zip(paths, map(describe, leaves))
+        ]
+        for record, value in zip(records, stored):
+            record["crc32"] = files.checksum(value)
         content = {"format": files.FORMAT, "metadata": dict(metadata or {})}
         content["leaves"] = records
         try:
@@ -348,20 +347,7 @@ class Checkpointer:
             for key in files.storage(full):
                 value = value[key]
             expected = abstract["/".join(files.storage(full))]
-            if (value.shape, value.dtype) != (expected.shape, expected.dtype):
-                raise CorruptCheckpointError(
-                    f"Checkpointer.restore: {where} is damaged: the array at "
-                    f"{full} was read as {value.dtype}{list(value.shape)}, saved "
-                    f"as {expected.dtype}{list(expected.shape)}; see {item}."
-                )
-            want, got = record.get("crc32"), files.checksum(value)
-            if want is not None and got is not None and got != want:
-                found = files.files_of(item, ".".join(files.storage(full)))
-                raise CorruptCheckpointError(
-                    f"Checkpointer.restore: {where} is damaged: the array at "
-                    f"{full} does not match its checksum (CRC-32 {got:#010x}, "
-                    f"saved {want:#010x}); it is stored in {', '.join(found)}."
-                )
+            files.check_array(where, item, full, value, expected, record.get("crc32"))
             values[new] = files.finish(value, record, targets[new])
         return values
 
@@ -388,17 +374,7 @@ class Checkpointer:
     def _clean_up(self) -> None:
         """Removes complete checkpoints beyond ``max_to_keep`` and incomplete
         step directories older than the oldest kept one."""
-        if not self._main:
-            return
-        steps = self.all_steps()
-        keep = steps if self.max_to_keep is None else steps[-self.max_to_keep :]
-        oldest = keep[0] if keep else None
-        removed = False
-        for step, path in files.step_names(self.directory).items():
-            if step not in keep and oldest is not None and step < oldest:
-                files.remove(self.directory, path)
-                removed = True
-        if removed:
+        if self._main and files.clean_up(self.directory, self.max_to_keep):
             self._manager.reload()
 
     def wait(self) -> None:

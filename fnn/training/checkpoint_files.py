@@ -156,6 +156,20 @@ def remove_leftovers(directory: str) -> None:
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
+def clean_up(directory: str, max_to_keep: int | None) -> bool:
+    """Removes complete steps beyond the ``max_to_keep`` newest, and
+    incomplete step directories older than the oldest kept one (remains of
+    an interrupted clean-up). Returns whether it removed anything."""
+    steps = complete_steps(directory)
+    keep = steps if max_to_keep is None else steps[-max_to_keep:]
+    if not keep:
+        return False
+    doomed = [p for s, p in step_names(directory).items() if s < keep[0]]
+    for path in doomed:
+        remove(directory, path)
+    return bool(doomed)
+
+
 def set_aside(directory: str, step: int) -> str:
     """Moves the step's directory to ``damaged/<step>``; returns the new path."""
     os.makedirs(os.path.join(directory, DAMAGED), exist_ok=True)
@@ -315,3 +329,27 @@ def read_error(where: str, item: str, error: Exception, paths: dict) -> Exceptio
         f"Checkpointer.restore: {where} is damaged: reading the array{at} failed "
         f"in {place} ({type(error).__name__}: {detail})."
     )
+
+
+def check_array(where: str, item: str, path: str, value: Any, expected, crc) -> None:
+    """Raises :class:`CorruptCheckpointError` when a restored array does not
+    have its saved shape, dtype and CRC-32 (``crc`` None: not checked)."""
+    if not isinstance(value, jax.Array | np.ndarray):
+        raise CorruptCheckpointError(
+            f"Checkpointer.restore: {where} is damaged: the array at {path} was "
+            f"not read (Orbax returned a {type(value).__name__}); see {item}."
+        )
+    if (value.shape, value.dtype) != (expected.shape, expected.dtype):
+        raise CorruptCheckpointError(
+            f"Checkpointer.restore: {where} is damaged: the array at {path} was "
+            f"read as {value.dtype}{list(value.shape)}, saved as "
+            f"{expected.dtype}{list(expected.shape)}; see {item}."
+        )
+    got = checksum(value)
+    if crc is not None and got is not None and got != crc:
+        found = files_of(item, ".".join(storage(path)))
+        raise CorruptCheckpointError(
+            f"Checkpointer.restore: {where} is damaged: the array at {path} does "
+            f"not match its checksum (CRC-32 {got:#010x}, saved {crc:#010x}); it "
+            f"is stored in {', '.join(found)}."
+        )
