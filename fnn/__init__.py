@@ -7,7 +7,13 @@ arrays. ``import fnn`` is all a script needs. The package has three parts:
 ``fit``, data, checkpoints) and ``fnn/gradcheck`` (gradient checking).
 """
 
-from fnn.gradcheck import GradientCheckError, check_grads, check_layer
+from fnn.gradcheck import (
+    GradientCheckError,
+    check_grads,
+    check_layer,
+    check_step,
+    find_nonfinite,
+)
 from fnn.model.activations import (
     Elu,
     Gelu,
@@ -46,6 +52,7 @@ from fnn.model.layers.positional import (
 )
 from fnn.model.layers.recurrent import RNN, GRUCell, LSTMCell
 from fnn.model.layers.reshape import Flatten, Identity, Reshape
+from fnn.model.remat import remat
 from fnn.model.repeat import repeat
 from fnn.model.state import with_state
 from fnn.model.summary import summary
@@ -75,6 +82,7 @@ __all__ = [
     "fan_out",
     "named",
     "parallel",
+    "remat",
     "repeat",
     "residual",
     "serial",
@@ -135,4 +143,6 @@ __all__ = [
     "GradientCheckError",
     "check_grads",
     "check_layer",
+    "check_step",
+    "find_nonfinite",
 ]

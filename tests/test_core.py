@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import fnn
+from fnn.model.summary import count_params
 
 from suite import check_layer_properties
 
@@ -278,7 +279,7 @@ def test_summary_counts_equal_leaf_sizes():
     assert rows["serial[1].serial[1]"] == str(
         params["1_serial"]["1_embed"]["table"].size
     )
-    assert fnn.count_params(params) == total
+    assert count_params(params) == total
 
 
 def _counter():

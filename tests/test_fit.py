@@ -298,6 +298,17 @@ def test_argument_errors(tmp_path):
         )
 
 
+def test_batch_sizes_the_step_refuses_are_refused_before_training():
+    step = fnn.make_train_step(_loss_fn, OPT, accum_steps=3)
+    with pytest.raises(ValueError, match=r"the last batch of 8 .* = 3"):
+        # 44 = 4 * 9 + 8: full batches of 9 split into 3, the last one of 8 not
+        fnn.fit(step, _fresh_state(), TRAIN, batch_size=9, epochs=1,
+                remainder="keep", key=jax.random.key(3), progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match=r"batch_size of 7 .*multiple of 3"):
+        fnn.fit(step, _fresh_state(), TRAIN, batch_size=7, epochs=1,
+                key=jax.random.key(3), progress=False)  # fmt: skip
+
+
 def test_progress_bar_shows_loss_and_speed(capsys):
     _fit(epochs=1, progress=True, progress_every=2)
     err = capsys.readouterr().err

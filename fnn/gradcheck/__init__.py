@@ -20,13 +20,20 @@ from fnn.gradcheck import _args as argsmod
 from fnn.gradcheck import _core as core
 from fnn.gradcheck import _fd as fd
 from fnn.gradcheck._report import GradCheckEntry, GradCheckReport, GradientCheckError
+from fnn.gradcheck.nonfinite import NonFiniteReport, find_nonfinite
+from fnn.gradcheck.step import StepCheckError, StepCheckReport, check_step
 
 __all__ = [
     "GradCheckEntry",
     "GradCheckReport",
     "GradientCheckError",
+    "NonFiniteReport",
+    "StepCheckError",
+    "StepCheckReport",
     "check_grads",
     "check_layer",
+    "check_step",
+    "find_nonfinite",
 ]
 
 DEFAULT_RTOL = 1e-6  # relative tolerance of the float64 comparison

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, NoReturn, Protocol
 
 import jax
@@ -146,6 +146,9 @@ _PATH: contextvars.ContextVar[tuple[_Frame, ...]] = contextvars.ContextVar(
 _RECORD: contextvars.ContextVar[list | None] = contextvars.ContextVar(
     "fnn_record", default=None
 )
+_WATCH: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
+    "fnn_watch", default=None
+)
 
 
 def current_place() -> str:
@@ -227,9 +230,15 @@ def init_child(
 def apply_child(
     child: Layer, name: str, place: str, params: Params, x: Any, **kwargs: Any
 ) -> Any:
-    """Applies ``child`` at params key ``name`` and place ``place``."""
+    """Applies ``child`` at params key ``name`` and place ``place``.
+
+    Inside :func:`watching`, the watcher runs the child instead.
+    """
     with child_scope(name, place):
-        return child.apply(params, x, **kwargs)
+        watch = _WATCH.get()
+        if watch is None:
+            return child.apply(params, x, **kwargs)
+        return watch(child, params, x, lambda p, v: child.apply(p, v, **kwargs))
 
 
 @contextlib.contextmanager
@@ -240,6 +249,21 @@ def recording() -> Iterator[list]:
         yield _RECORD.get()
     finally:
         _RECORD.reset(token)
+
+
+@contextlib.contextmanager
+def watching(watch: Callable) -> Iterator[None]:
+    """Runs every child through ``watch(layer, params, x, run) -> y``.
+
+    ``run(params, x)`` applies the child; :func:`current_place` and
+    :func:`current_keys` say where it sits. :func:`fnn.find_nonfinite` watches
+    each layer's input, params and output this way.
+    """
+    token = _WATCH.set(watch)
+    try:
+        yield
+    finally:
+        _WATCH.reset(token)
 
 
 # --- the train/eval switch ------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -16,11 +18,12 @@ from fnn.model.core import (
     make_layer,
 )
 from fnn.model.options import positive_int
+from fnn.model.remat import checkpointed
 from fnn.model.shapes import shapes_agree
 from fnn.model.state import declare_state, peek_state, run_apply, run_init, write_state
 
 
-def repeat(layer: Layer, n: int) -> Layer:
+def repeat(layer: Layer, n: int, *, remat: bool | Callable[..., bool] = False) -> Layer:
     """``n`` copies of ``layer`` one after another, compiled once.
 
     The copies have their own params, stacked on a new leading axis of size
@@ -40,6 +43,10 @@ def repeat(layer: Layer, n: int) -> Layer:
       layer: a layer that maps its input shape to itself (a residual block, a
         transformer block).
       n: the number of copies, at least 1.
+      remat: recompute each copy's activations in the backward pass
+        (:func:`fnn.remat` of the scanned block): ``True``, or a
+        ``jax.checkpoint_policies`` policy saying what to keep. The backward
+        pass then keeps one input per copy instead of every intermediate.
 
     Returns:
       The layer; params ``{name: stacked}``, where ``name`` is the child's
@@ -63,8 +70,17 @@ def repeat(layer: Layer, n: int) -> Layer:
     """
     n = positive_int("repeat", "n (the number of copies)", n)
     (layer,) = as_layers("repeat", (layer,))
+    if remat is not False and remat is not True and not callable(remat):
+        raise ValueError(
+            f"repeat: expected remat to be a bool or a jax.checkpoint_policies "
+            f"policy, got {remat!r}."
+        )
+    body_layer = layer
+    if remat is not False:
+        policy = None if remat is True else remat
+        body_layer = Layer(layer.init, checkpointed(layer.apply, policy))
     k = getattr(layer[0], "fnn_key", None) or layer_name(layer)
-    desc = f"repeat({describe(layer)}, n={n})"
+    desc = f"repeat({describe(layer)}, n={n}" + (", remat=True)" if remat else ")")
     place = f"repeat[0:{n}]"
 
     def init_fn(rng, input_shape):
@@ -98,7 +114,7 @@ def repeat(layer: Layer, n: int) -> Layer:
             sub = None if key is None else jax.random.fold_in(key, i)
 
             def run():
-                return apply_child(layer, k, place, p, x, key=sub, **kwargs)
+                return apply_child(body_layer, k, place, p, x, key=sub, **kwargs)
 
             if s is None:
                 return run(), None

@@ -244,7 +244,9 @@ def fit(
       ValueError: for bad arguments; for resuming from a checkpoint written
         with another ``batch_size``, data-order key or dataset; for existing
         checkpoints with ``resume=False``.
-      NonFiniteLossError: when a loss or the params become NaN or infinite.
+      NonFiniteLossError: when a loss or the params become NaN or infinite;
+        for a loss, ``err.batch`` is the batch of the failing step, for
+        :func:`fnn.find_nonfinite`.
 
     Examples:
       >>> import jax, jax.numpy as jnp, numpy as np, optax, fnn
@@ -288,6 +290,7 @@ def fit(
             f"use remainder='drop' or 'pad', not 'keep'."
         )
     n = leading_size(train_data, "train_data")
+    _check_batch_sizes(train_step, n, batch_size, remainder)
     log_every = log_every or data.num_batches(n, batch_size, remainder)
     grid = [log_every, eval_every if eval_step is not None else None]
     grid.append(checkpoint_every if checkpoint_dir is not None else None)
@@ -308,6 +311,21 @@ def fit(
     finally:
         if saver is not None:
             saver.close()
+
+
+def _check_batch_sizes(train_step: Any, n: int, batch_size: int, remainder: str):
+    """Refuses, before training, a batch size the step would refuse later."""
+    multiple = getattr(train_step, "batch_multiple", 1)
+    sizes = {batch_size} | ({n % batch_size} if remainder == "keep" else set())
+    for size in sorted(sizes - {0}):
+        if size % multiple:
+            what = "batch_size" if size == batch_size else "the last batch"
+            raise ValueError(
+                f"fit: {what} of {size} examples does not split into the step's "
+                f"microbatches (accum_steps x devices = {multiple}); use a batch "
+                f"size that is a multiple of {multiple}"
+                + (", or remainder='pad' or 'drop'." if size != batch_size else ".")
+            )
 
 
 def _eval_batches(eval_data: Any, size: int) -> Iterator:
@@ -369,7 +387,11 @@ def _loop(train_step, ts, train_data, plan, saver, callbacks, **o) -> tuple:
             crossed = done // o["progress_every"] != (done - k) // o["progress_every"]
             if not (on_grid or final or save_due or crossed):
                 continue
-            reporter.log.pull(last_ckpt)
+            try:
+                reporter.log.pull(last_ckpt)
+            except NonFiniteLossError as err:
+                _point_to_batch(err, train_data, err.step - base - 1, o)
+                raise
             if on_grid or final:
                 entry = reporter.entry(run, done, plan.per_epoch, _lr(ts, lr))
                 if eval_due:
@@ -404,6 +426,27 @@ def _loop(train_step, ts, train_data, plan, saver, callbacks, **o) -> tuple:
             if final:
                 break
     return ts, run.history
+
+
+def _point_to_batch(err: NonFiniteLossError, train_data, position: int, o) -> None:
+    """Gives ``err`` the failing step's host batch and says how to use it.
+
+    The batch is made again from the data stream at that step's position (the
+    order depends only on the key and the position), so ``fit`` keeps no
+    batches while it runs.
+    """
+    err.batch = next(
+        data.stream(
+            train_data, o["batch_size"], key=o["key"], shuffle=o["shuffle"],
+            remainder=o["remainder"], start=position,
+        )
+    )  # fmt: skip
+    err.add_note(
+        f"fit: err.batch is the batch of step {err.step}; "
+        f"fnn.find_nonfinite(loss_fn, params, err.batch) names the first layer "
+        f"whose output or gradient became NaN or Inf, given the params before "
+        f"that step (run fit again with steps={position} to get them)."
+    )
 
 
 def _lr(ts: Any, template: Any) -> Any:

@@ -15,6 +15,7 @@ import io
 import json
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -32,6 +33,9 @@ class NonFiniteLossError(FloatingPointError):
       loss: that loss, a float (NaN or +-inf), or ``None`` for params.
       last_checkpoint: the step of the last checkpoint, all of whose steps had
         finite losses, or ``None``.
+      batch: the batch (host arrays) of the step whose loss was not finite,
+        set by :func:`fnn.fit`, for :func:`fnn.find_nonfinite`; ``None`` for
+        params.
 
     Examples:
       >>> import fnn
@@ -44,6 +48,7 @@ class NonFiniteLossError(FloatingPointError):
     ):
         super().__init__(message)
         self.step, self.loss, self.last_checkpoint = step, loss, last_checkpoint
+        self.batch: Any = None
 
 
 NonFiniteLossError.__module__ = "fnn"

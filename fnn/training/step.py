@@ -16,6 +16,7 @@ optimizer is given once: ``step.init(params, key=...)`` makes the state that
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +28,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fnn.model.options import boolean, positive_int
-from fnn.training import sharding
+from fnn.training import rules, sharding
 from fnn.training.accumulate import (
     GradSums,
     LossFn,
@@ -165,6 +166,10 @@ class TrainStep:
       accum_steps: microbatches per optimizer step.
       steps_per_call: optimizer steps per call (over stacked batches).
       mesh: the ``jax.sharding.Mesh`` it runs on, or ``None``.
+      batch_multiple: the batch sizes it takes are multiples of this,
+        ``accum_steps`` times the size of the mesh's data axis.
+      param_rules: the params' rule table (``{pattern: PartitionSpec}``), or
+        ``None`` for replicated params.
       single: the same step with ``steps_per_call=1`` (itself when it is one);
         :func:`fnn.fit` uses it to land exactly on report points.
     """
@@ -176,12 +181,16 @@ class TrainStep:
         self.accum_steps = options["accum_steps"]
         self.steps_per_call = options["steps_per_call"]
         self.mesh = options["mesh"]
+        self.param_rules = options["param_rules"]
+        self._mesh = options["placement_mesh"]
         self._axis = options["data_axis"]
+        devices = 1 if self.mesh is None else self.mesh.shape[self._axis]
+        self.batch_multiple = self.accum_steps * devices
         fn = one_step if self.steps_per_call == 1 else self._many
         if options["jit"]:
             kwargs = dict(options["jit_kwargs"] or {})
-            if self.mesh is not None:
-                replicated = NamedSharding(self.mesh, P())
+            if self.mesh is not None and self.param_rules is None:
+                replicated = NamedSharding(self._mesh, P())
                 kwargs.setdefault("out_shardings", (replicated, replicated))
             fn = jax.jit(fn, donate_argnums=0 if options["donate"] else (), **kwargs)
         self._fn = fn
@@ -207,18 +216,35 @@ class TrainStep:
             )
         return self._single
 
+    def _new_state(self, params: Any, key: jax.Array, state: Any) -> TrainState:
+        opt_state = self.optimizer.init(params)
+        return TrainState(jnp.zeros((), jnp.int32), params, opt_state, state, key)
+
     def init(self, params: Any, *, key: jax.Array, state: Any = None) -> TrainState:
         """The train state at step 0 for ``params``: this step's optimizer state.
+
+        On a mesh the params are placed by the step's ``param_rules`` (all
+        replicated without), the optimizer state is made in place with the
+        shardings of its params, and the rest is replicated.
 
         Args:
           params: the model's params. They are copied (onto the mesh, if the
             step has one), so a donating step never frees the caller's arrays.
+            Abstract params (``jax.ShapeDtypeStruct`` leaves, e.g. from
+            ``jax.eval_shape``) give an abstract train state whose leaves
+            carry the shardings the step would give them, allocating nothing:
+            a restore target for :class:`fnn.Checkpointer`, or the input of
+            :meth:`sharding_table`.
           key: a ``jax.random.key`` (a raw ``jax.random.PRNGKey`` is wrapped).
           state: the model's running state (from ``fnn.with_state``), or
             ``None`` for ``{}``.
 
         Returns:
           A :class:`fnn.TrainState`.
+
+        Raises:
+          ValueError: on a mesh, for ``param_rules`` that do not fit the
+            params (see :func:`make_train_step`).
 
         Examples:
           >>> import jax, jax.numpy as jnp, optax, fnn
@@ -231,7 +257,7 @@ class TrainStep:
         """
         dtype = getattr(key, "dtype", None)
         if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
-            key = jnp.copy(key)
+            key = key if isinstance(key, jax.ShapeDtypeStruct) else jnp.copy(key)
         elif dtype == jnp.uint32 and jnp.shape(key) == (2,):
             key = jax.random.wrap_key_data(jnp.array(key))
         else:
@@ -239,17 +265,26 @@ class TrainStep:
                 f"step.init: expected key to be a jax.random.key, e.g. "
                 f"jax.random.key(0), got {key!r}."
             )
-        params = jax.tree.map(jnp.array, params)
-        ts = TrainState(
-            jnp.zeros((), jnp.int32),
-            params,
-            self.optimizer.init(params),
-            {} if state is None else jax.tree.map(jnp.array, state),
-            key,
-        )
+        state = {} if state is None else state
         if self.mesh is not None:
-            ts = sharding.place(ts, NamedSharding(self.mesh, P()))
-        return ts
+            return sharding.init_state(
+                self.optimizer, self._mesh, self.param_rules, params, key, state
+            )
+        if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
+            return jax.eval_shape(self._new_state, params, key, state)
+        params, state = jax.tree.map(jnp.array, (params, state))
+        return self._new_state(params, key, state)
+
+    def sharding_table(self, ts: TrainState) -> str:
+        """A table of where ``ts`` lives, per params path and in total.
+
+        One row per params leaf (path, shape, dtype, the rules that match it,
+        its ``PartitionSpec``, bytes per device and replicated), then the
+        totals of the params, the optimizer state, the rest and the whole
+        state. ``ts`` is a state from :meth:`init`, or the abstract one that
+        ``init`` gives for abstract params (nothing allocated).
+        """
+        return rules.sharding_table(ts, self.param_rules)
 
     def shard(self, batch: Any) -> Any:
         """``batch`` split over the step's mesh (itself without a mesh).
@@ -260,7 +295,7 @@ class TrainStep:
         if self.mesh is None:
             return batch
         return sharding.shard_batch(
-            "train step", batch, self.mesh, self._axis, stacked=self.steps_per_call > 1
+            "train step", batch, self._mesh, self._axis, stacked=self.steps_per_call > 1
         )
 
     def __call__(self, ts: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
@@ -276,8 +311,11 @@ class TrainStep:
 
     def __repr__(self) -> str:
         opts = {k: self._options[k] for k in ("accum_steps", "steps_per_call")}
-        mesh = "" if self.mesh is None else f", mesh={dict(self.mesh.shape)}"
-        return f"TrainStep({', '.join(f'{k}={v}' for k, v in opts.items())}{mesh})"
+        if self.mesh is not None:
+            opts["mesh"] = dict(self.mesh.shape)
+        if self.param_rules is not None:
+            opts["param_rules"] = self.param_rules
+        return f"TrainStep({', '.join(f'{k}={v}' for k, v in opts.items())})"
 
 
 def make_train_step(
@@ -289,6 +327,7 @@ def make_train_step(
     steps_per_call: int = 1,
     mesh: Any = None,
     data_axis: str | None = None,
+    param_rules: dict[str, P] | None = None,
     grad_norm: bool = True,
     donate: bool = True,
     jit: bool = True,
@@ -316,13 +355,20 @@ def make_train_step(
       steps_per_call: ``K`` optimizer steps per call, by a ``lax.scan`` over a
         batch whose leaves have a leading axis ``K`` (:func:`fnn.data.stack`);
         metrics then have a leading axis ``K``.
-      mesh: a ``jax.sharding.Mesh`` for data parallel training, e.g.
-        ``jax.make_mesh((jax.device_count(),), ("data",))``. ``step.init``
-        replicates the state on it and the step splits each batch over its
-        data axis; each device accumulates over its own rows and ONE
-        all-reduce after the scan adds the sums of all devices.
+      mesh: a ``jax.sharding.Mesh`` to train on, e.g.
+        ``jax.make_mesh((jax.device_count(),), ("data",))``; the step splits
+        each batch over its data axis. Without ``param_rules``, ``step.init``
+        replicates the state and each device accumulates over its own rows,
+        ONE all-reduce after the scan adding the sums of all devices.
       data_axis: the mesh axis the batch is split over; by default the only
         axis of a one-dimensional mesh, else ``"data"``.
+      param_rules: params placed by rules on ``mesh``: a dict of params path
+        patterns (dict keys joined by ``/``, ``fnmatch`` syntax, e.g.
+        ``"*/w"``) to ``PartitionSpec``s over the mesh's axes. Sharding over
+        the data axis is FSDP, over another axis tensor parallelism; a path no
+        rule matches is replicated, and the optimizer state follows its
+        params. The step is then one program partitioned by the compiler
+        (``docs/scale.md``).
       grad_norm: include the ``grad_norm`` metric (one more reduction over
         the gradients per step).
       donate: donate the train state's buffers to the new state
@@ -339,7 +385,11 @@ def make_train_step(
       gradient}``.
 
     Raises:
-      ValueError: for bad options; at trace time, for a batch that does not
+      ValueError: for bad options (a rule naming an axis the mesh lacks);
+        at ``step.init`` and trace time, for rules that do not fit the params
+        (a dimension that does not divide over its axes, a spec longer than
+        the array's rank, a path two rules give different specs, a rule that
+        matches nothing); at trace time, for a batch that does not
         split into microbatches (naming both sizes), batch leaves with
         different leading sizes, a train state made for another optimizer, or
         a loss that returns the wrong things.
@@ -366,6 +416,10 @@ def make_train_step(
         "data_axis": None
         if mesh is None
         else sharding.data_axis(owner, mesh, data_axis),
+        "placement_mesh": None if mesh is None else sharding.auto_mesh(mesh),
+        "param_rules": None
+        if param_rules is None
+        else rules.check_rules(owner, param_rules, mesh),
         "donate": boolean(owner, "donate", donate),
         "jit": boolean(owner, "jit", jit),
         "jit_kwargs": jit_kwargs,
@@ -378,69 +432,30 @@ def make_train_step(
             f"optax.adam(1e-3), got {type(optimizer).__name__}."
         )
     _check_loss_arity(loss_fn, has_state)
-    k = options["accum_steps"]
-    sums_fn = _sums_on_mesh(loss_fn, options, has_state) if mesh is not None else None
+    k, axis = options["accum_steps"], options["data_axis"]
+    mesh, table = options["placement_mesh"], options["param_rules"]
+    if mesh is None:
+        sums_fn = functools.partial(
+            accumulate_gradients, loss_fn, accum_steps=k, has_state=has_state
+        )
+    elif table is None:
+        sums_fn = sharding.data_parallel_sums(loss_fn, mesh, axis, k, has_state)
+    else:
+        sums_fn = sharding.partitioned_sums(loss_fn, mesh, axis, k, has_state)
 
     def one_step(ts: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         _check_train_state(ts, optimizer)
         key = jax.random.fold_in(ts.key, ts.step)
-        if sums_fn is not None:
+        if table is None:
             sums = sums_fn(ts.params, ts.state, batch, key)
         else:
-            sums = accumulate_gradients(
-                loss_fn,
-                ts.params,
-                ts.state,
-                batch,
-                key,
-                accum_steps=k,
-                has_state=has_state,
-            )
+            where = rules.state_shardings("train step", ts, optimizer, mesh, table)
+            ts = jax.lax.with_sharding_constraint(ts, where)
+            sums = sums_fn(ts.params, ts.state, batch, key, where.params)
         check_aux_names(sums.aux_sum)
-        return apply_gradients(optimizer, ts, sums, grad_norm=grad_norm)
+        ts, metrics = apply_gradients(optimizer, ts, sums, grad_norm=grad_norm)
+        if table is not None:
+            ts = jax.lax.with_sharding_constraint(ts, where)
+        return ts, metrics
 
     return TrainStep(one_step, options)
-
-
-def _sums_on_mesh(loss_fn: LossFn, options: dict, has_state: bool) -> Callable:
-    """Gradient sums of the whole global batch with one all-reduce.
-
-    Each device runs :func:`accumulate_gradients` over its own rows inside
-    ``jax.shard_map``, then ONE ``psum`` after the scan adds gradient sums,
-    weights, loss and metric sums (and the running state, averaged). Device
-    ``d`` draws its randomness from ``fold_in(step key, d)``.
-    """
-    mesh, axis, k = options["mesh"], options["data_axis"], options["accum_steps"]
-    n = mesh.shape[axis]
-
-    def local_sums(params, state, batch, key):
-        key = jax.random.fold_in(key, jax.lax.axis_index(axis))
-        sums = accumulate_gradients(
-            loss_fn, params, state, batch, key, accum_steps=k, has_state=has_state
-        )
-        sums = sharding.psum_fused(sums, axis)
-        return sums._replace(state=jax.tree.map(sharding.mean_over(n), sums.state))
-
-    # Unchecked on purpose: with replication checking on, the gradient of the
-    # replicated params is made replicated by an all-reduce per microbatch
-    # inside the scan; here each device differentiates its own rows' loss and
-    # the psum above adds the results once.
-    sharded = jax.shard_map(
-        local_sums,
-        mesh=mesh,
-        in_specs=(P(), P(), P(axis), P()),
-        out_specs=P(),
-        check_vma=False,
-    )
-
-    def sums_fn(params, state, batch, key):
-        b = leading_size(batch)
-        if b % (n * k):
-            raise ValueError(
-                f"train step: a batch of {b} examples does not split over {n} "
-                f"devices x accum_steps={k}; use a batch size that is a multiple "
-                f"of {n * k}."
-            )
-        return sharded(params, state, batch, key)
-
-    return sums_fn

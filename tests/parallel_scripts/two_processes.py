@@ -2,29 +2,38 @@
 
     python two_processes.py OUT_DIR                      # reference, 1 device
     python two_processes.py OUT_DIR COORD N ID CKPT_DIR  # process ID of N
+    python two_processes.py OUT_DIR COORD N ID CKPT_DIR fsdp
 
 Each process trains 3 steps on its own half of every global batch, saves the
-replicated train state with fnn.Checkpointer (every process takes part),
-restores it into a fresh replicated target, and writes its params and the
-restored params to OUT_DIR/params_<ID>.npz. With ``die`` as a sixth argument,
-process 1 kills itself after start-up and process 0 waits in a collective: the
-test checks that it fails instead of hanging. Run by tests/test_parallel.py.
+train state with fnn.Checkpointer (every process takes part), restores it into
+a fresh target from step.init, and writes its params and the restored params to
+OUT_DIR/params_<ID>.npz. By default each process has 1 CPU device and the
+params are replicated; with ``fsdp`` each has 2 and the params are sharded over
+all 4 devices (both processes) by param_rules. With ``die`` as a sixth
+argument, process 1 kills itself after start-up and process 0 waits in a
+collective: the test checks that it fails instead of hanging. Run by
+tests/test_parallel.py and tests/test_sharding.py.
 """
 
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=" + (
+    "2" if sys.argv[-1] == "fsdp" else "1"
+)
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec as P
 
 import fnn
 
 jax.config.update("jax_enable_x64", True)
 STEPS, BATCH, ACCUM = 3, 8, 2
+FSDP = {"w1": P(None, "data"), "w2": P("data")}  # over the 4 devices of 2 processes
 
 
 def loss_fn(params, batch, key):
@@ -45,7 +54,7 @@ def initial_params():
     return {"w1": jax.random.normal(k1, (3, 4)), "w2": jax.random.normal(k2, (4,))}
 
 
-def main(out_dir, coordinator=None, n=1, pid=0, ckpt_dir=None, die=False):
+def main(out_dir, coordinator=None, n=1, pid=0, ckpt_dir=None, mode=None):
     opt = optax.adam(0.05)
     if coordinator is None:  # the reference: one process, one device
         step = fnn.make_train_step(loss_fn, opt, accum_steps=ACCUM)
@@ -59,15 +68,19 @@ def main(out_dir, coordinator=None, n=1, pid=0, ckpt_dir=None, die=False):
         n,
         pid,
         initialization_timeout=30,
-        heartbeat_timeout_seconds=5,
+        heartbeat_timeout_seconds=int(os.environ.get("FNN_TEST_HEARTBEAT", "5")),
         shutdown_timeout_seconds=10,
     )
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
-    assert mesh.size == n and jax.process_count() == n, (mesh, jax.process_count())
-    step = fnn.make_train_step(loss_fn, opt, accum_steps=ACCUM, mesh=mesh)
+    local = 2 if mode == "fsdp" else 1
+    assert mesh.size == n * local and jax.process_count() == n, mesh
+    rules = FSDP if mode == "fsdp" else None
+    step = fnn.make_train_step(
+        loss_fn, opt, accum_steps=ACCUM, mesh=mesh, param_rules=rules
+    )
     ts = step.init(initial_params(), key=jax.random.key(1))
     rows = BATCH // n
-    if die:
+    if mode == "die":
         if pid == 1:
             os._exit(17)  # as if killed: no shutdown, no goodbye
         while True:  # the survivor keeps stepping with a dead peer
@@ -80,10 +93,17 @@ def main(out_dir, coordinator=None, n=1, pid=0, ckpt_dir=None, die=False):
         ckpt.save(STEPS, ts)
         target = step.init(initial_params(), key=jax.random.key(1))
         restored, _ = ckpt.restore(target)
-    result = {k: np.asarray(v.addressable_data(0)) for k, v in ts.params.items()}
-    for k, v in restored.params.items():
-        result["restored_" + k] = np.asarray(v.addressable_data(0))
+    # the global values, gathered from both processes' shards
+    result = multihost_utils.process_allgather(ts.params, tiled=True)
+    for k, v in multihost_utils.process_allgather(restored.params, tiled=True).items():
+        result["restored_" + k] = v
     result["restored_step"] = np.asarray(restored.step.addressable_data(0))
+    result["specs"] = np.array(
+        [str(ts.params[k].sharding.spec) for k in sorted(ts.params)]
+    )
+    result["restored_specs"] = np.array(
+        [str(restored.params[k].sharding.spec) for k in sorted(ts.params)]
+    )
     np.savez(os.path.join(out_dir, f"params_{pid}.npz"), **result)
     jax.distributed.shutdown()
 
@@ -93,4 +113,4 @@ if __name__ == "__main__":
     if len(a) == 1:
         main(a[0])
     else:
-        main(a[0], a[1], int(a[2]), int(a[3]), a[4], die=len(a) > 5 and a[5] == "die")
+        main(a[0], a[1], int(a[2]), int(a[3]), a[4], a[5] if len(a) > 5 else None)
