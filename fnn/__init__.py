@@ -64,6 +64,7 @@ from fnn.training.fit import fit
 from fnn.training.history import NonFiniteLossError
 from fnn.training.step import make_train_step
 from fnn.training.train_state import TrainState
+from fnn.training.weights import export, load_params, save_params
 
 __version__ = "0.2.0"
 
@@ -134,6 +135,10 @@ __all__ = [
     "losses",
     "make_eval_step",
     "make_train_step",
+    # weights (params files, PyTorch weights, export)
+    "export",
+    "load_params",
+    "save_params",
     # gradient checking
     "GradientCheckError",
     "check_grads",

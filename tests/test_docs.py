@@ -18,6 +18,15 @@ PAGES = [
     "docs/transformer.md",
     "docs/gradcheck.md",
     "docs/training.md",
+    # The page restores a damaged checkpoint: Orbax leaves the other reads of
+    # that restore pending on a closed event loop, which Python reports as
+    # unraisable exceptions when it collects them.
+    pytest.param(
+        "docs/weights.md",
+        marks=pytest.mark.filterwarnings(
+            "ignore::pytest.PytestUnraisableExceptionWarning"
+        ),
+    ),
 ]
 
 

@@ -33,6 +33,14 @@ def beats_unigram_baseline(lines: list[str]) -> None:
     assert perplexity < baseline, (perplexity, baseline)
 
 
+def beats_baseline_and_export_reloads(lines: list[str]) -> None:
+    beats_unigram_baseline(lines)
+    exported = [s for s in lines if s.startswith("exported (")]
+    assert len(exported) == 1, lines
+    # the artifact reloaded in a fresh process draws the very same characters
+    assert exported[0].endswith("it draws the same sample: True"), exported
+
+
 def padding_changes_nothing(lines: list[str]) -> None:
     checks = [s for s in lines if "max |logit difference|" in s]
     assert len(checks) == 2, lines  # mean and max pooling
@@ -75,7 +83,7 @@ SPECS = {
         ("--out", "{tmp}"),
         r"validation perplexity: \d+\.\d{2}",
         ("char_lm.png",),
-        beats_unigram_baseline,
+        beats_baseline_and_export_reloads,
     ),
     "custom_gradient.py": Spec(
         ("--out", "{tmp}"),

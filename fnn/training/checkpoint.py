@@ -1,4 +1,4 @@
-"""Checkpoints of a whole training state, on Orbax.
+"""Verified checkpoints of a whole training state, on Orbax.
 
 :class:`Checkpointer` saves any pytree of arrays (a :class:`fnn.TrainState`:
 step, params, optimizer state, running state and PRNG key) together with a small
@@ -6,161 +6,42 @@ JSON-able ``metadata`` dict (where the data stream stood, the history so far)
 under ``directory/<step>/``. It is a thin layer over
 ``orbax.checkpoint.CheckpointManager`` that adds what a training loop needs:
 
+* every array's CRC-32 (of the host copy's bytes) and the metadata's are saved
+  and verified on restore, so a flipped bit is an error naming the step, the
+  leaf and the file, never silently wrong values;
+* only complete checkpoints are listed (see :mod:`fnn.training.checkpoint_files`),
+  and ``max_to_keep`` clean-up renames before it deletes, so a crash at any
+  moment leaves nothing half deleted that could be chosen;
 * typed PRNG keys (``jax.random.key``) are stored as their raw ``key_data`` and
-  rewrapped with the target's implementation on restore;
-* the saved tree's leaf paths, shapes and dtypes are recorded, so a restore into
-  a structure that does not match fails with a ``ValueError`` that names the
-  first differing path (or the leaf and both shapes) instead of an error from
-  deep inside Orbax;
-* writes are atomic: Orbax writes into a temporary directory and renames it when
-  complete, so a checkpoint half-written by a crash is never taken as the latest.
+  rewrapped on restore;
+* restore takes a target (the whole tree, or with ``path``, ``mapping`` and
+  ``exclude`` a part of it) or none, and lists every leaf that does not fit.
 
 Nothing is pickled: arrays go to Orbax's tensorstore format, metadata to JSON.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-__all__ = ["Checkpointer"]
+from fnn.training import checkpoint_files as files
+from fnn.training.checkpoint_files import CorruptCheckpointError
+from fnn.training.loading import (
+    Rule,
+    describe,
+    excluded,
+    match,
+    nest,
+    paths_and_leaves,
+    rename,
+)
 
-
-def _is_key(x: Any) -> bool:
-    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def _key_impl(leaf: Any) -> str:
-    """The PRNG implementation's name of a key array or of an abstract one."""
-    if isinstance(leaf, jax.Array):
-        return str(jax.random.key_impl(leaf))
-    for name in ("threefry2x32", "rbg", "unsafe_rbg"):  # a ShapeDtypeStruct
-        if jax.random.key(0, impl=name).dtype == leaf.dtype:
-            return name
-    raise ValueError(f"Checkpointer: unknown PRNG key type {leaf.dtype}.")
-
-
-def _dtype(x: Any) -> np.dtype:
-    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
-
-
-def _entry_name(entry: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
-def _describe_leaves(tree: Any) -> tuple[list[dict[str, Any]], list[Any], Any]:
-    """Returns ``(records, leaves, treedef)``; a record is path, shape, dtype."""
-    with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    records, leaves = [], []
-    for path, leaf in with_path:
-        record = {"path": jax.tree_util.keystr(path), "entries": []}
-        record["entries"] = [_entry_name(e) for e in path] or ["value"]
-        if _is_key(leaf):
-            record.update(
-                shape=list(leaf.shape),
-                dtype="prng_key",
-                impl=_key_impl(leaf),
-            )
-        else:
-            record.update(shape=list(np.shape(leaf)), dtype=str(_dtype(leaf)))
-        records.append(record)
-        leaves.append(leaf)
-    return records, leaves, treedef
-
-
-def _nest(records: list[dict[str, Any]], values: list[Any]) -> dict[str, Any]:
-    """Builds the nested dict of string keys that Orbax stores."""
-    nested: dict[str, Any] = {}
-    for record, value in zip(records, values):
-        *parents, last = record["entries"]
-        node = nested
-        for name in parents:
-            node = node.setdefault(name, {})
-            if not isinstance(node, dict):
-                break
-        if not isinstance(node, dict) or last in node:
-            raise ValueError(
-                f"Checkpointer: the leaf at {record['path']} has the same storage "
-                f"name as another leaf; rename one of the keys."
-            )
-        node[last] = value
-    return nested
-
-
-def _unnest(nested: dict[str, Any], records: list[dict[str, Any]]) -> list[Any]:
-    values = []
-    for record in records:
-        node = nested
-        for name in record["entries"]:
-            node = node[name]
-        values.append(node)
-    return values
-
-
-def _to_storable(leaf: Any) -> Any:
-    if _is_key(leaf):
-        return jax.random.key_data(leaf)
-    return leaf if isinstance(leaf, jax.Array | np.ndarray) else np.asarray(leaf)
-
-
-def _abstract(leaf: Any) -> Any:
-    """What Orbax should restore for a target leaf (raw data for a key)."""
-    sharding = getattr(leaf, "sharding", None)
-    if _is_key(leaf):
-        raw = jax.eval_shape(jax.random.key_data, leaf)
-        if isinstance(sharding, NamedSharding):  # the key's spec, and the key data
-            spec = P(*sharding.spec, *[None] * (raw.ndim - len(sharding.spec)))
-            sharding = NamedSharding(sharding.mesh, spec)
-        return jax.ShapeDtypeStruct(raw.shape, raw.dtype, sharding=sharding)
-    return jax.ShapeDtypeStruct(np.shape(leaf), _dtype(leaf), sharding=sharding)
-
-
-def _check_match(where: str, saved: list[dict], wanted: list[dict]) -> None:
-    saved_paths = [r["path"] for r in saved]
-    wanted_paths = [r["path"] for r in wanted]
-    if saved_paths != wanted_paths:
-        saved_set, wanted_set = set(saved_paths), set(wanted_paths)
-        for path in wanted_paths:
-            if path not in saved_set:
-                raise ValueError(
-                    f"{where} does not match the target structure: the target has "
-                    f"a leaf at {path} that the checkpoint lacks."
-                )
-        for path in saved_paths:
-            if path not in wanted_set:
-                raise ValueError(
-                    f"{where} does not match the target structure: the checkpoint "
-                    f"has a leaf at {path} that the target lacks."
-                )
-        first = next(a for a, b in zip(wanted_paths, saved_paths) if a != b)
-        raise ValueError(
-            f"{where} does not match the target structure: the leaves are in a "
-            f"different order, first at {first}."
-        )
-    for s, w in zip(saved, wanted):
-        if s["shape"] != w["shape"] or s["dtype"] != w["dtype"]:
-            raise ValueError(
-                f"{where} does not match the target at {w['path']}: the checkpoint "
-                f"has shape {tuple(s['shape'])!r} and dtype {s['dtype']}, the "
-                f"target has shape {tuple(w['shape'])!r} and dtype {w['dtype']}."
-            )
-        if s.get("impl") != w.get("impl"):
-            raise ValueError(
-                f"{where} does not match the target at {w['path']}: the checkpoint "
-                f"holds a {s.get('impl')!r} PRNG key, the target a {w.get('impl')!r}."
-            )
+__all__ = ["Checkpointer", "CorruptCheckpointError"]
 
 
 class Checkpointer:
@@ -168,11 +49,20 @@ class Checkpointer:
 
     Each checkpoint is a directory ``<directory>/<step>`` holding the tree's
     arrays (Orbax's tensorstore format) and a JSON file with the metadata and
-    the tree's leaf paths, shapes and dtypes. Only the ``max_to_keep`` most
-    recent checkpoints are kept. Saving is asynchronous (arrays are copied off
-    the device before :meth:`save` returns, files are written in the
-    background); :meth:`wait`, :meth:`restore` and :meth:`close` wait for
-    pending writes. Use it as a context manager, or call :meth:`close`.
+    each leaf's path, shape, dtype and CRC-32. Restores verify every array
+    read and the metadata file; a difference raises
+    :attr:`Checkpointer.CorruptError` (a ``ValueError``) naming the step,
+    the leaf path and the file. Only complete checkpoints are listed, and only
+    the ``max_to_keep`` most recent are kept (older ones are removed once a
+    newer one is complete, at the next save, :meth:`wait` or :meth:`close`).
+    Saving is asynchronous (arrays are copied off the device and checksummed
+    before :meth:`save` returns, files are written in the background);
+    :meth:`wait`, :meth:`restore` and :meth:`close` wait for pending writes.
+    Use it as a context manager, or call :meth:`close`.
+
+    Leaves are named by their path, the keys joined with ``/``
+    (``params/0_dense/w``, ``opt_state/0/mu/0_dense/w``), as
+    ``jax.tree_util.keystr(path, simple=True, separator="/")`` prints them.
 
     Args:
       directory: where checkpoints live; created if missing. Relative paths are
@@ -196,6 +86,8 @@ class Checkpointer:
       ((2, 3), {'epoch': 1})
     """
 
+    CorruptError = CorruptCheckpointError
+
     def __init__(
         self,
         directory: str | os.PathLike,
@@ -211,12 +103,16 @@ class Checkpointer:
                 f"None, got {max_to_keep!r}."
             )
         self.directory = os.path.abspath(os.fspath(directory))
+        self.max_to_keep = max_to_keep
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
+            max_to_keep=None,  # fnn removes old steps itself, renaming first
             create=True,
             enable_async_checkpointing=async_save,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._main = jax.process_index() == 0
+        if self._main:
+            files.remove_leftovers(self.directory)
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -238,116 +134,255 @@ class Checkpointer:
 
         Raises:
           TypeError: when ``metadata`` cannot be written as JSON.
-          ValueError: when a checkpoint for ``step`` already exists.
+          ValueError: when a checkpoint for ``step`` already exists, or a key
+            of ``tree`` holds ``/``.
         """
-        records, leaves, _ = _describe_leaves(tree)
-        meta = {"metadata": dict(metadata or {}), "leaves": records}
+        paths, leaves, _ = paths_and_leaves("Checkpointer.save", tree)
+        stored = [files.storable(leaf) for leaf in leaves]
+        records = [
+            {"path": p, "shape": list(d.shape), "dtype": d.dtype, "crc32": None}
+            for p, d in zip(paths, map(describe, leaves))
+        ]
+        for record, value in zip(records, stored):
+            record["crc32"] = files.checksum(value)
+        content = {"format": files.FORMAT, "metadata": dict(metadata or {})}
+        content["leaves"] = records
         try:
-            json.dumps(meta)
-        except TypeError as e:
+            document = files.meta_document(content)
+        except (TypeError, ValueError) as e:
             raise TypeError(
                 f"Checkpointer.save: metadata must be JSON-able (dicts, lists, str, "
                 f"numbers, bool, None): {e}."
             ) from None
         step = int(step)
-        if step in self._manager.all_steps():
+        self._manager.wait_until_finished()
+        self._clean_up()
+        if step in self.all_steps():
             raise ValueError(
                 f"Checkpointer.save: {self.directory} already holds a checkpoint for "
                 f"step {step}."
             )
-        arrays = _nest(records, [_to_storable(leaf) for leaf in leaves])
+        leftover = files.step_names(self.directory).get(step)
+        if leftover is not None and self._main:  # an incomplete one: garbage
+            files.remove(self.directory, leftover)
+            self._manager.reload()
+        arrays = nest({"/".join(files.storage(p)): v for p, v in zip(paths, stored)})
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                tree=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)
+                tree=ocp.args.PyTreeSave(arrays), meta=ocp.args.JsonSave(document)
             ),
+            force=True,
         )
 
     def latest_step(self) -> int | None:
         """The step of the most recent complete checkpoint, or ``None``."""
-        return self._manager.latest_step()
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
     def all_steps(self) -> list[int]:
-        """The steps of all complete checkpoints, in increasing order."""
-        return sorted(self._manager.all_steps())
+        """The steps of all complete checkpoints, in increasing order.
+
+        Waits for pending saves first. A checkpoint whose directory lacks a
+        part (a clean-up or a copy interrupted) is not listed.
+        """
+        self._manager.wait_until_finished()
+        return files.complete_steps(self.directory)
 
     def _step(self, step: int | None, caller: str) -> int:
         self._manager.wait_until_finished()
+        steps = self.all_steps()
         if step is None:
-            step = self._manager.latest_step()
-            if step is None:
+            if not steps:
                 raise FileNotFoundError(
                     f"Checkpointer.{caller}: no checkpoint in {self.directory}."
                 )
-        elif int(step) not in self._manager.all_steps():
+            return steps[-1]
+        if int(step) not in steps:
+            path = files.step_dir(self.directory, step)
+            lacks = files.missing_part(path) if os.path.isdir(path) else None
+            why = f" (its directory lacks {lacks}: incomplete)" if lacks else ""
             raise FileNotFoundError(
                 f"Checkpointer.{caller}: no checkpoint for step {step} in "
-                f"{self.directory}; it holds steps {self.all_steps()!r}."
+                f"{self.directory}{why}; it holds steps {steps!r}."
             )
         return int(step)
 
-    def _read_meta(self, step: int) -> dict[str, Any]:
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-        )
-        return restored.meta
-
     def metadata(self, step: int | None = None) -> dict[str, Any]:
-        """The metadata saved with ``step`` (the latest by default).
+        """The metadata saved with ``step`` (the latest by default), verified.
 
         Raises:
           FileNotFoundError: when there is no such checkpoint.
+          Checkpointer.CorruptError: when the metadata file is damaged.
         """
-        return self._read_meta(self._step(step, "metadata"))["metadata"]
+        step = self._step(step, "metadata")
+        return files.read_meta("Checkpointer.metadata", self.directory, step)[
+            "metadata"
+        ]
 
-    def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict]:
-        """Restores the checkpoint for ``step`` (the latest by default).
+    def structure(self, step: int | None = None) -> dict[str, Any]:
+        """The saved tree's structure: nested dicts of ``jax.ShapeDtypeStruct``.
+
+        Reads only the metadata file (verified), no array.
+
+        Examples:
+          >>> import tempfile, jax.numpy as jnp, fnn
+          >>> with fnn.Checkpointer(tempfile.mkdtemp()) as ckpt:
+          ...     ckpt.save(1, {"params": {"w": jnp.ones((2, 3))}})
+          ...     ckpt.structure()
+          {'params': {'w': ShapeDtypeStruct(shape=(2, 3), dtype=float32)}}
+        """
+        step = self._step(step, "structure")
+        meta = files.read_meta("Checkpointer.structure", self.directory, step)
+        return nest({r["path"]: files.abstract_leaf(r) for r in meta["leaves"]})
+
+    def restore(
+        self,
+        target: Any = None,
+        step: int | None = None,
+        *,
+        path: str | None = None,
+        mapping: Mapping[Rule, str | None] | None = None,
+        exclude: Iterable[Rule] = (),
+    ) -> tuple[Any, dict]:
+        """Restores the checkpoint for ``step`` (the latest by default), verified.
 
         Args:
-          target: a pytree with the structure, shapes and dtypes of the saved
-            tree (e.g. a freshly created ``TrainState``, or its abstract form
+          target: a pytree with the structure, shapes and dtypes to restore
+            into (e.g. a freshly created ``TrainState``, or its abstract form
             from ``jax.eval_shape``, which allocates nothing); its arrays'
-            shardings say where the restored arrays go. Its values are not
-            used.
+            shardings say where the restored arrays go. Its values are used
+            only at paths left out with ``exclude``. ``None`` restores the
+            saved tree (under ``path``) as nested dicts of arrays.
           step: which checkpoint; ``None`` means the latest.
+          path: restore only the saved sub-tree at this path (``"params"``,
+            ``"params/encoder"``); its leaves' paths are taken relative to it.
+          mapping: renames of saved paths into the target's (exact paths,
+            prefixes, or ``re.compile`` patterns; ``None`` leaves a saved leaf
+            out), e.g. ``{"2_dense": "head"}``.
+          exclude: target paths (or prefixes, or patterns) not restored: the
+            target keeps its values there (a new head), and saved leaves that
+            map there are left out.
 
         Returns:
-          ``(tree, metadata)``: the saved tree, in ``target``'s structure, and
-          the saved metadata dict.
+          ``(tree, metadata)``: the restored tree, in ``target``'s structure,
+          and the saved metadata dict.
 
         Raises:
           FileNotFoundError: when there is no such checkpoint.
-          ValueError: when ``target`` does not match the saved tree; the message
-            names the first differing leaf path, or the leaf and both shapes.
+          ValueError: when ``target`` does not fit; the message lists every
+            target leaf without a saved value, every saved leaf without a
+            place, and every differing shape or dtype, by path.
+          Checkpointer.CorruptError: when an array or the metadata does not
+            match its checksum, or the files cannot be read; the message names
+            the step, the leaf path and the file.
+
+        Examples:
+          >>> import tempfile, jax, jax.numpy as jnp, fnn
+          >>> state = {"params": {"0_dense": {"w": jnp.ones((2, 3))},
+          ...                     "1_dense": {"w": jnp.ones((3, 4))}},
+          ...          "step": jnp.array(5)}
+          >>> new = {"0_dense": {"w": jnp.zeros((2, 3))},
+          ...        "1_dense": {"w": jnp.zeros((3, 9))}}  # a new head
+          >>> with fnn.Checkpointer(tempfile.mkdtemp()) as ckpt:
+          ...     ckpt.save(1, state)
+          ...     params, _ = ckpt.restore(new, path="params", exclude=["1_dense"])
+          >>> float(params["0_dense"]["w"][0, 0]), float(params["1_dense"]["w"][0, 0])
+          (1.0, 0.0)
         """
         step = self._step(step, "restore")
-        meta = self._read_meta(step)
-        records, leaves, treedef = _describe_leaves(target)
-        where = f"The checkpoint for step {step} in {self.directory}"
-        _check_match(where, meta["leaves"], records)
-        abstract = _nest(records, [_abstract(leaf) for leaf in leaves])
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(tree=ocp.args.StandardRestore(abstract)),
-        )
-        values = _unnest(restored.tree, records)
-        out = []
-        for record, leaf, value in zip(records, leaves, values):
-            if _is_key(leaf):
-                value = jax.random.wrap_key_data(value, impl=record["impl"])
-            elif isinstance(leaf, bool | int | float) and not isinstance(
-                leaf, jax.Array | np.ndarray
-            ):
-                value = type(leaf)(np.asarray(value).item())
-            out.append(value)
-        tree = jax.tree_util.tree_unflatten(treedef, out)
-        return tree, meta["metadata"]
+        caller = "Checkpointer.restore"
+        meta = files.read_meta(caller, self.directory, step)
+        where = f"the checkpoint for step {step} in {self.directory}"
+        records = files.select(caller, meta["leaves"], path, where)
+        saved = {name: files.leaf_of(r) for name, r in records.items()}
+        if target is None:
+            pairs = {}
+            for name in saved:
+                new = rename(name, mapping or {})
+                new = name if new is ... else new
+                if new is not None and not excluded(new, exclude):
+                    pairs[new] = name
+            values = self._read(step, where, records, pairs, dict.fromkeys(pairs))
+            tree = values[""] if list(values) == [""] else nest(values)
+            return tree, meta["metadata"]
+        paths, leaves, treedef = paths_and_leaves(caller, target)
+        targets = dict(zip(paths, leaves))
+        wanted = {p: describe(leaf) for p, leaf in targets.items()}
+        under = where if path is None else f"{where} (under {path!r})"
+        pairs = match(caller, under, wanted, saved, mapping=mapping, exclude=exclude)
+        values = self._read(step, where, records, pairs, targets)
+        out = [values.get(p, leaf) for p, leaf in zip(paths, leaves)]
+        return jax.tree_util.tree_unflatten(treedef, out), meta["metadata"]
+
+    def _read(self, step, where, records, pairs, targets) -> dict[str, Any]:
+        """Reads the saved leaves ``pairs`` names and verifies each checksum."""
+        if not pairs:
+            return {}
+        item = os.path.join(files.step_dir(self.directory, step), "tree")
+        wanted = {records[name]["full"]: new for new, name in pairs.items()}
+        abstract, args = {}, {}
+        for full, new in wanted.items():
+            leaf = files.leaf_of(records[pairs[new]])
+            key = "/".join(files.storage(full))
+            abstract[key], args[key] = files.restore_args(leaf, targets[new])
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    tree=ocp.args.PyTreeRestore(
+                        item=nest(abstract),
+                        restore_args=nest(args),
+                        partial_restore=True,
+                    )
+                ),
+            ).tree
+        except Exception as e:
+            names = {".".join(files.storage(full)): full for full in wanted}
+            raise files.read_error(where, item, e, names) from e
+        values = {}
+        for full, new in wanted.items():
+            record = records[pairs[new]]
+            value = restored
+            for key in files.storage(full):
+                value = value[key]
+            expected = abstract["/".join(files.storage(full))]
+            files.check_array(where, item, full, value, expected, record.get("crc32"))
+            values[new] = files.finish(value, record, targets[new])
+        return values
+
+    def verify(self, step: int | None = None) -> None:
+        """Reads every array of ``step`` (the latest by default) and checks it.
+
+        Raises:
+          FileNotFoundError: when there is no such checkpoint.
+          Checkpointer.CorruptError: as :meth:`restore`.
+        """
+        self.restore(None, step)
+
+    def set_aside(self, step: int) -> str:
+        """Moves the checkpoint for ``step`` to ``directory/damaged/``.
+
+        It is then no longer listed, and its step can be saved again; its
+        files are kept for inspection. Returns the new path.
+        """
+        self._manager.wait_until_finished()
+        new = files.set_aside(self.directory, step) if self._main else ""
+        self._manager.reload()
+        return new
+
+    def _clean_up(self) -> None:
+        """Removes complete checkpoints beyond ``max_to_keep`` and incomplete
+        step directories older than the oldest kept one."""
+        if self._main and files.clean_up(self.directory, self.max_to_keep):
+            self._manager.reload()
 
     def wait(self) -> None:
         """Blocks until every pending save is complete on disk."""
         self._manager.wait_until_finished()
+        self._clean_up()
 
     def close(self) -> None:
-        """Waits for pending saves and releases Orbax's resources."""
-        self._manager.wait_until_finished()
+        """Waits for pending saves, removes old ones, releases Orbax's resources."""
+        self.wait()
         self._manager.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -71,21 +72,21 @@ class Saver:
 
         A run that had reached ``total`` steps keeps its whole history; one
         that stopped early drops the entry its stop added between report
-        points, which an uninterrupted run does not have.
+        points, which an uninterrupted run does not have. A checkpoint that
+        does not verify is skipped, with a warning, for the newest that does.
         """
-        latest = self.ckpt.latest_step()
-        kept = 0
-        if latest is None:
+        steps = self.ckpt.all_steps()
+        if not steps:
             self._open_history(0)
             return ts, 0, [], []
         where = self.ckpt.directory
         if not resume:
             raise ValueError(
-                f"fit: {where} already holds checkpoints (latest step {latest}); "
+                f"fit: {where} already holds checkpoints (latest step {steps[-1]}); "
                 f"pass resume=True to continue from it or use another "
                 f"checkpoint_dir."
             )
-        ts, meta = self.ckpt.restore(ts)
+        ts, meta, latest = self._restore_newest_good(ts, steps)
         for name, value in self.stream.items():
             if meta.get(name) != value:
                 raise ValueError(
@@ -104,6 +105,36 @@ class Saver:
                 cb.restore(state)
         self.last_step = latest
         return ts, meta["done"], history, [] if finished else meta["pending_metrics"]
+
+    def _restore_newest_good(self, ts: Any, steps: list[int]) -> tuple:
+        """``(state, metadata, step)`` of the newest checkpoint that verifies;
+        the damaged newer ones are moved to ``damaged/`` so their steps can be
+        saved again."""
+        damaged = []
+        for step in reversed(steps):
+            try:
+                restored, meta = self.ckpt.restore(ts, step)
+            except Checkpointer.CorruptError as e:
+                damaged.append((step, e))
+                continue
+            break
+        else:
+            raise Checkpointer.CorruptError(
+                f"fit: no checkpoint in {self.ckpt.directory} verifies (steps "
+                f"{steps!r}); the newest failed with: {damaged[0][1]}"
+            )
+        if damaged:
+            for bad, _ in damaged:
+                self.ckpt.set_aside(bad)
+            warnings.warn(
+                f"fit: resuming from step {step}, the newest checkpoint in "
+                f"{self.ckpt.directory} that verifies; steps "
+                f"{[s for s, _ in damaged]!r} are damaged and were moved to "
+                f"{self.ckpt.directory}/damaged (the newest: {damaged[0][1]})",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return restored, meta, step
 
     def _open_history(self, keep: int) -> None:
         path = os.path.join(self.ckpt.directory, HISTORY_FILE)
