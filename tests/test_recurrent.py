@@ -235,7 +235,9 @@ def test_params_and_carry_shapes():
     )[0] == (-1, 4)
 
 
-@pytest.mark.parametrize("cell", [fnn.GRUCell(128), fnn.LSTMCell(128)], ids=repr)
+@pytest.mark.parametrize(
+    "cell", [fnn.GRUCell(128), fnn.LSTMCell(128)], ids=["gru", "lstm"]
+)
 def test_input_weights_have_variance_one_over_fan_in_and_hidden_are_orthogonal(
     cell,
 ):

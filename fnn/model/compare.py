@@ -176,6 +176,13 @@ def mismatch(name: str, diff: TreeDiff, owners: dict, x_shape: Any) -> str:
     )
 
 
+def concrete_shapes(x: Any) -> bool:
+    """Whether every dimension of every array in ``x`` is a known integer (not a
+    symbolic dimension of ``jax.export``)."""
+    dims = [d for a in jax.tree.leaves(x) for d in np.shape(a)]
+    return all(isinstance(d, int | np.integer) for d in dims)
+
+
 def apply_shape(x: Any) -> Any:
     """The shape of an apply input: a tuple of shapes for a tuple of inputs, a
     dict of shapes for a dict."""

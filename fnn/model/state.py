@@ -215,6 +215,8 @@ def with_state(layer: Layer) -> StatefulModel:
 def _check_fit(owner, desc: str, init, params, state, x, cause) -> None:
     """Fails unless params and state fit what ``init`` makes for ``x``'s shape."""
     state = {} if state is None else state  # run_apply takes None for no state
+    if not compare.concrete_shapes(x):
+        return  # symbolic dimensions (jax.export): no init to compare with
     spec = compare.input_spec(x)
     sig = (spec, compare.signature_of(params, state))
     if getattr(owner, "fnn_verified", None) == sig:
