@@ -21,7 +21,7 @@ The script prints the unigram baseline (a model that ignores the context and
 predicts each character with its training-set frequency), trains with
 ``fnn.fit`` (progress bar, evaluation on the held-out text), samples about 200
 characters with temperature sampling (``jax.random.categorical`` inside a
-``lax.scan``), exports the trained model with ``fnn.export`` (a ``jax.export``
+``lax.scan``), exports the trained model with ``fnn.training.export`` (a ``jax.export``
 artifact with a symbolic batch size), reloads it in a fresh Python process that
 knows nothing of the model and draws the same sample there, saves the loss
 curves as a PNG and ends with ``validation perplexity: X.XX``.
@@ -308,7 +308,7 @@ def main(argv=None) -> float:
     print(f"sample (temperature {TEMPERATURE}), after the prompt:")
     print(decode(prompt) + "|" + text)
 
-    blob = fnn.export(model, state.params, (-1, CONTEXT), dtype=jnp.int32)
+    blob = fnn.training.export(model, state.params, (-1, CONTEXT), dtype=jnp.int32)
     exported = jax.export.deserialize(blob)  # what the fresh process will load
     gap = jnp.max(
         jnp.abs(exported.call(valid["x"]) - model.apply(state.params, valid["x"]))

@@ -26,7 +26,6 @@ from fnn.model.activations import (
     Softplus,
     Swish,
     Tanh,
-    elementwise,
     gelu,
     swish,
 )
@@ -46,12 +45,9 @@ from fnn.model.layers.dense import Dense, Embed
 from fnn.model.layers.dropout import Dropout
 from fnn.model.layers.norm import BatchNorm, LayerNorm, RMSNorm
 from fnn.model.layers.pool import AvgPool, GlobalMaxPool, GlobalMeanPool, MaxPool
-from fnn.model.layers.positional import (
-    LearnedPositionalEmbedding,
-    SinusoidalPositionalEmbedding,
-)
+from fnn.model.layers.positional import PositionalEmbedding
 from fnn.model.layers.recurrent import RNN, GRUCell, LSTMCell
-from fnn.model.layers.reshape import Flatten, Identity, Reshape
+from fnn.model.layers.reshape import Flatten, Reshape
 from fnn.model.remat import remat
 from fnn.model.repeat import repeat
 from fnn.model.state import with_state
@@ -61,10 +57,9 @@ from fnn.training.checkpoint import Checkpointer
 from fnn.training.distributed import initialize
 from fnn.training.evaluate import evaluate, make_eval_step
 from fnn.training.fit import fit
-from fnn.training.history import NonFiniteLossError
 from fnn.training.step import make_train_step
 from fnn.training.train_state import TrainState
-from fnn.training.weights import export, load_params, save_params
+from fnn.training.weights import load_params, save_params
 
 __version__ = "0.2.0"
 
@@ -98,16 +93,14 @@ __all__ = [
     "GRUCell",
     "GlobalMaxPool",
     "GlobalMeanPool",
-    "Identity",
     "LSTMCell",
     "LayerNorm",
-    "LearnedPositionalEmbedding",
     "MaxPool",
     "MultiHeadAttention",
+    "PositionalEmbedding",
     "RMSNorm",
     "RNN",
     "Reshape",
-    "SinusoidalPositionalEmbedding",
     # activations (the functions are jax.nn's, but for these two)
     "Elu",
     "Gelu",
@@ -120,12 +113,10 @@ __all__ = [
     "Softplus",
     "Swish",
     "Tanh",
-    "elementwise",
     "gelu",
     "swish",
     # training
     "Checkpointer",
-    "NonFiniteLossError",
     "TrainState",
     "callbacks",
     "data",
@@ -136,7 +127,6 @@ __all__ = [
     "make_eval_step",
     "make_train_step",
     # weights (params files, PyTorch weights, export)
-    "export",
     "load_params",
     "save_params",
     # gradient checking

@@ -131,7 +131,7 @@ def test_layer_properties(name):
 
 
 def test_elementwise_layer_properties_and_values():
-    layer = fnn.elementwise(jnp.sin)
+    layer = fnn.model.elementwise(jnp.sin)
     check_layer_properties(layer, (-1, 5))
     x = np.linspace(-3, 3, 10).reshape(2, 5)
     y = layer.apply({}, jnp.asarray(x, jnp.float32))
@@ -145,8 +145,8 @@ def test_kind_names_key_params():
         fnn.LeakyRelu(),
         fnn.Gelu(),
         fnn.Softmax(),
-        fnn.elementwise(lambda x: x**2),
-        fnn.elementwise(jnp.square, name="sq"),
+        fnn.model.elementwise(lambda x: x**2),
+        fnn.model.elementwise(jnp.square, name="sq"),
     )
     _, params = net.init(jax.random.key(0), (-1, 3))
     assert list(params) == [
@@ -223,8 +223,11 @@ def test_axis_error_names_place_and_fires_at_apply():
         (lambda: fnn.Gelu(1), "Gelu: expected approximate to be a bool"),
         (lambda: fnn.Softmax(1.0), "Softmax: expected axis to be an int"),
         (lambda: fnn.LogSoftmax(True), "LogSoftmax: expected axis to be an int"),
-        (lambda: fnn.elementwise(3), "elementwise: expected a function"),
-        (lambda: fnn.elementwise(jnp.sin, name=""), "elementwise: expected a non"),
+        (lambda: fnn.model.elementwise(3), "elementwise: expected a function"),
+        (
+            lambda: fnn.model.elementwise(jnp.sin, name=""),
+            "elementwise: expected a non",
+        ),
     ],
 )
 def test_constructor_arguments_are_validated(make, match):
@@ -234,7 +237,7 @@ def test_constructor_arguments_are_validated(make, match):
 
 def test_elementwise_rejects_shape_changing_function():
     with pytest.raises(fnn.ShapeError, match="must keep the shape"):
-        fnn.elementwise(lambda x: x[..., :1], name="head").init(None, (-1, 3))
+        fnn.model.elementwise(lambda x: x[..., :1], name="head").init(None, (-1, 3))
 
 
 def test_bad_input_shape_is_a_shape_error():

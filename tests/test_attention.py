@@ -270,7 +270,7 @@ def test_float64_matches_numpy_closely():
 
 
 def test_complex_input_is_refused_with_the_place():
-    net = fnn.serial(fnn.Identity(), fnn.MultiHeadAttention(2))
+    net = fnn.serial(fnn.model.Identity(), fnn.MultiHeadAttention(2))
     _, params = net.init(jax.random.key(0), (-1, 3, 4))
     with pytest.raises(fnn.ShapeError) as e:
         jax.jit(net.apply)(params, jnp.ones((2, 3, 4), jnp.complex64))

@@ -203,7 +203,7 @@ def test_dropout_checks_its_key_inside_a_custom_combinator():
     def apply(params, x, **kwargs):  # passes on a bad key
         return fnn.Dropout(0.5).apply({}, x, key=1)
 
-    net = fnn.serial(fnn.Identity(), fnn.Layer(init, apply))
+    net = fnn.serial(fnn.model.Identity(), fnn.Layer(init, apply))
     with pytest.raises(fnn.ShapeError) as e:
         net.apply({"0_identity": {}, "1_layer": {}}, jnp.ones((1, 3)), key=None)
     assert str(e.value).startswith("Dropout(0.5) at serial[1]: expected key")

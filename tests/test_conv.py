@@ -338,7 +338,7 @@ def test_kernel_layout_and_default_init_scale():
 )
 def test_input_too_small_for_the_kernel_at_apply(layer, x_shape, window):
     # init saw 5 steps; apply gets fewer, which would leave an empty output
-    net = fnn.serial(fnn.Identity(), layer, fnn.GlobalMeanPool())
+    net = fnn.serial(fnn.model.Identity(), layer, fnn.GlobalMeanPool())
     _, params = net.init(jax.random.key(0), (-1, 5, 1))
     with pytest.raises(fnn.ShapeError) as e:
         jax.jit(net.apply)(params, jnp.ones(x_shape))
@@ -357,7 +357,7 @@ def test_input_too_small_for_the_kernel_at_apply(layer, x_shape, window):
     ],
 )
 def test_conv_refuses_complex_and_integer_inputs(make, dtype, detail):
-    net = fnn.serial(fnn.Identity(), make(2, (3,)))
+    net = fnn.serial(fnn.model.Identity(), make(2, (3,)))
     _, params = net.init(jax.random.key(0), (-1, 4, 1))
     with pytest.raises(fnn.ShapeError) as e:
         jax.jit(net.apply)(params, jnp.ones((2, 4, 1), dtype))

@@ -23,9 +23,9 @@ ATOL_F32 = 1e-6
         (fnn.Dense(3, use_bias=False), (-1, 5, 4)),
         (fnn.Flatten(), (-1, 2, 3)),
         (fnn.Reshape((3, 2)), (-1, 6)),
-        (fnn.Identity(), (-1, 3)),
+        (fnn.model.Identity(), (-1, 3)),
         (fnn.serial(fnn.Dense(4), fnn.Dense(2)), (-1, 3)),
-        (fnn.parallel(fnn.Dense(2), fnn.Identity()), ((-1, 3), (-1, 2))),
+        (fnn.parallel(fnn.Dense(2), fnn.model.Identity()), ((-1, 3), (-1, 2))),
         (fnn.serial(fnn.fan_out(2), fnn.fan_in_sum()), (-1, 3)),
         (fnn.serial(fnn.fan_out(2), fnn.fan_in_concat()), (-1, 3)),
         (fnn.serial(fnn.fan_out(2), fnn.fan_in_concat(axis=1)), (-1, 3, 2)),
@@ -238,7 +238,7 @@ def test_foreign_errors_get_a_note_with_the_place():
     def apply(params, x, **kwargs):
         raise TypeError("boom")
 
-    net = fnn.serial(fnn.Identity(), fnn.serial(fnn.Layer(init, apply)))
+    net = fnn.serial(fnn.model.Identity(), fnn.serial(fnn.Layer(init, apply)))
     _, params = net.init(None, (-1, 2))
     with pytest.raises(TypeError, match="boom") as info:
         net.apply(params, jnp.ones((1, 2)))
@@ -306,7 +306,7 @@ def test_constructor_argument_errors(make):
         lambda n: fnn.Conv(n, (n, n)),
         lambda n: fnn.Reshape((n, n)),
         lambda n: fnn.MaxPool((n,), strides=n),
-        lambda n: fnn.repeat(fnn.Identity(), n),
+        lambda n: fnn.repeat(fnn.model.Identity(), n),
     ],
 )
 def test_numpy_integers_are_accepted_and_bools_refused(make):
@@ -472,7 +472,7 @@ def test_stateless_network_never_sees_state():
     ],
 )
 def test_fan_in_checks_shapes_at_apply_under_jit(layer, xs, message):
-    net = fnn.serial(fnn.Identity(), layer)
+    net = fnn.serial(fnn.model.Identity(), layer)
     with pytest.raises(fnn.ShapeError, match=message):
         jax.jit(net.apply)({"0_identity": {}, "1_" + layer_name(layer): {}}, xs)
 
@@ -494,7 +494,7 @@ def test_residual_checks_the_shape_at_apply():
 
 
 def test_residual_refuses_a_tuple_of_inputs():
-    block = fnn.residual(fnn.parallel(fnn.Identity(), fnn.Identity()))
+    block = fnn.residual(fnn.parallel(fnn.model.Identity(), fnn.model.Identity()))
     with pytest.raises(fnn.ShapeError, match=r"expected one input shape"):
         block.init(None, ((-1, 2), (-1, 2)))
 
@@ -508,7 +508,7 @@ def test_residual_refuses_a_tuple_of_inputs():
     ],
 )
 def test_dense_refuses_complex_and_integer_inputs(dtype, detail):
-    net = fnn.serial(fnn.Identity(), fnn.Dense(2))
+    net = fnn.serial(fnn.model.Identity(), fnn.Dense(2))
     _, params = net.init(jax.random.key(0), (-1, 3))
     with pytest.raises(fnn.ShapeError) as e:
         jax.jit(net.apply)(params, jnp.ones((2, 3), dtype))

@@ -229,7 +229,7 @@ def _poison_from(step_number, what):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
     tmp_path, checkpoint_every, last_good
 ):
-    with pytest.raises(fnn.NonFiniteLossError, match=r"step 5") as info:
+    with pytest.raises(fnn.training.NonFiniteLossError, match=r"step 5") as info:
         _fit(
             _poison_from(5, "loss"),
             epochs=3,
@@ -254,12 +254,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
 
 
 def test_nan_loss_without_checkpoints_says_so():
-    with pytest.raises(fnn.NonFiniteLossError, match="No checkpoint was saved"):
+    with pytest.raises(
+        fnn.training.NonFiniteLossError, match="No checkpoint was saved"
+    ):
         _fit(_poison_from(2, "loss"), epochs=1)
 
 
 def test_non_finite_params_are_never_saved(tmp_path):
-    with pytest.raises(fnn.NonFiniteLossError, match="params") as info:
+    with pytest.raises(fnn.training.NonFiniteLossError, match="params") as info:
         _fit(
             _poison_from(3, "params"),
             epochs=1,

@@ -14,7 +14,7 @@ import pytest
 import fnn
 
 NET = fnn.serial(
-    fnn.Dense(3), fnn.Tanh(), fnn.elementwise(jnp.log, name="log"), fnn.Dense(1)
+    fnn.Dense(3), fnn.Tanh(), fnn.model.elementwise(jnp.log, name="log"), fnn.Dense(1)
 )
 
 
@@ -63,7 +63,7 @@ def test_a_nan_in_the_params_is_the_params():
 
 
 def test_a_nan_made_in_a_backward_pass_is_the_backward():
-    net = fnn.serial(fnn.Dense(3), fnn.Relu(), fnn.elementwise(jnp.sqrt, "sqrt"))
+    net = fnn.serial(fnn.Dense(3), fnn.Relu(), fnn.model.elementwise(jnp.sqrt, "sqrt"))
     params = net.init(jax.random.key(0), (-1, 2))[1]
     params["0_dense"]["b"] = -10.0 * jnp.ones(3)  # relu gives 0; sqrt'(0) = inf
     report = fnn.find_nonfinite(net, params, X)
@@ -95,7 +95,7 @@ def test_fit_gives_the_failing_batch_to_find_nonfinite():
     step = fnn.make_train_step(loss_fn, optax.sgd(0.0))
     params = make_params(1.0)
     ts = step.init(params, key=jax.random.key(0))
-    with pytest.raises(fnn.NonFiniteLossError) as info:
+    with pytest.raises(fnn.training.NonFiniteLossError) as info:
         fnn.fit(step, ts, data, batch_size=4, epochs=1, shuffle=False, progress=False)
     err = info.value
     assert err.step == 3

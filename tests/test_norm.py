@@ -311,7 +311,7 @@ def test_running_statistics_carried_through_scan():
     "layer", [fnn.LayerNorm(), fnn.RMSNorm()], ids=["LayerNorm", "RMSNorm"]
 )
 def test_norms_refuse_complex_inputs(layer):
-    net = fnn.serial(fnn.Identity(), layer)
+    net = fnn.serial(fnn.model.Identity(), layer)
     _, params = net.init(jax.random.key(0), (-1, 3))
     with pytest.raises(fnn.ShapeError) as e:
         jax.jit(net.apply)(params, jnp.ones((2, 3), jnp.complex64))

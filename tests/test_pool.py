@@ -231,7 +231,7 @@ def test_errors():
 @pytest.mark.parametrize("make", [fnn.MaxPool, fnn.AvgPool])
 def test_input_smaller_than_the_window_at_apply(make):
     # init saw (-1, 5, 1); apply gets 2 steps, which would leave an empty output
-    net = fnn.serial(fnn.Identity(), make((3,)))
+    net = fnn.serial(fnn.model.Identity(), make((3,)))
     _, params = net.init(None, (-1, 5, 1))
     with pytest.raises(fnn.ShapeError) as e:
         jax.jit(net.apply)(params, jnp.ones((2, 2, 1)))
@@ -242,7 +242,7 @@ def test_input_smaller_than_the_window_at_apply(make):
 
 @pytest.mark.parametrize("make", [fnn.GlobalMeanPool, fnn.GlobalMaxPool])
 def test_global_pool_over_an_empty_axis(make):
-    net = fnn.serial(fnn.Identity(), make())
+    net = fnn.serial(fnn.model.Identity(), make())
     _, params = net.init(None, (-1, 4, 3))
     for mask in (None, jnp.ones((2, 0), bool)):
         with pytest.raises(fnn.ShapeError) as e:

@@ -1,4 +1,4 @@
-"""Sinusoidal and learned positional embeddings."""
+"""fnn.PositionalEmbedding: the fixed sinusoidal table and a learned one."""
 
 import math
 
@@ -18,9 +18,9 @@ ATOL_F32 = 1e-5
 @pytest.mark.parametrize(
     "layer",
     [
-        fnn.SinusoidalPositionalEmbedding(),
-        fnn.SinusoidalPositionalEmbedding(max_len=8),
-        fnn.LearnedPositionalEmbedding(8, 3),
+        fnn.PositionalEmbedding(),
+        fnn.PositionalEmbedding(max_len=8),
+        fnn.PositionalEmbedding(8, learned=True),
     ],
     ids=["sinusoidal", "sinusoidal-max-len", "learned"],
 )
@@ -30,7 +30,7 @@ def test_property_suite(layer):
 
 @pytest.mark.parametrize("features", [4, 5])
 def test_sinusoidal_matches_the_paper_formula(features):
-    layer = fnn.SinusoidalPositionalEmbedding()
+    layer = fnn.PositionalEmbedding()
     x = jax.random.normal(jax.random.key(0), (2, 6, features))
     want = np.asarray(x, np.float64).copy()
     for pos in range(6):
@@ -42,7 +42,7 @@ def test_sinusoidal_matches_the_paper_formula(features):
 
 
 def test_learned_adds_the_first_rows_of_its_table():
-    layer = fnn.LearnedPositionalEmbedding(10, 3)
+    layer = fnn.PositionalEmbedding(10, learned=True)
     shape, params = layer.init(jax.random.key(0), (-1, 4, 3))
     assert shape == (-1, 4, 3)
     assert params["table"].shape == (10, 3)
@@ -58,16 +58,16 @@ def test_learned_adds_the_first_rows_of_its_table():
 
 
 def test_unknown_time_is_allowed_at_init():
-    assert fnn.LearnedPositionalEmbedding(4, 2).init(jax.random.key(0), (-1, -1, 2))[
-        0
-    ] == (-1, -1, 2)
+    assert fnn.PositionalEmbedding(4, learned=True).init(
+        jax.random.key(0), (-1, -1, 2)
+    )[0] == (-1, -1, 2)
 
 
 @pytest.mark.parametrize(
     "layer",
     [
-        fnn.SinusoidalPositionalEmbedding(max_len=4),
-        fnn.LearnedPositionalEmbedding(4, 3),
+        fnn.PositionalEmbedding(max_len=4),
+        fnn.PositionalEmbedding(4, learned=True),
     ],
     ids=["sinusoidal", "learned"],
 )
@@ -86,17 +86,20 @@ def _kind(layer):
 
 def test_bad_arguments_and_shapes():
     with pytest.raises(
-        ValueError,
-        match=r"LearnedPositionalEmbedding: expected max_len to be a positive",
+        ValueError, match=r"PositionalEmbedding: expected max_len to be a positive"
     ):
-        fnn.LearnedPositionalEmbedding(0, 3)
-    with pytest.raises(ValueError, match=r"SinusoidalPositionalEmbedding: expected"):
-        fnn.SinusoidalPositionalEmbedding(max_len=-1)
+        fnn.PositionalEmbedding(0, learned=True)
+    with pytest.raises(ValueError, match=r"learned=True needs max_len"):
+        fnn.PositionalEmbedding(learned=True)
+    with pytest.raises(ValueError, match=r"PositionalEmbedding: expected max_len"):
+        fnn.PositionalEmbedding(max_len=-1)
+    layer = fnn.PositionalEmbedding(4, learned=True)
+    _, params = layer.init(jax.random.key(0), (-1, 2, 3))
     with pytest.raises(
         fnn.ShapeError,
-        match=r"LearnedPositionalEmbedding\(max_len=4, features=3\): expected input "
-        r"with 3 features, got shape \(-1, 2, 5\)",
+        match=r"PositionalEmbedding\(max_len=4, learned=True\) at serial\[0\]: "
+        r"expected input with 3 features, got shape \(1, 2, 5\)",
     ):
-        fnn.LearnedPositionalEmbedding(4, 3).init(jax.random.key(0), (-1, 2, 5))
+        fnn.serial(layer).apply({"0_position": params}, jnp.ones((1, 2, 5)))
     with pytest.raises(fnn.ShapeError, match=r"expected input of shape \(batch, time"):
-        fnn.SinusoidalPositionalEmbedding().init(jax.random.key(0), (-1, 3))
+        fnn.PositionalEmbedding().init(jax.random.key(0), (-1, 3))

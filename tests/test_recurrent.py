@@ -293,7 +293,7 @@ def test_bad_inputs_name_the_layer():
 
 
 def test_complex_input_is_refused_with_the_place():
-    net = fnn.serial(fnn.Identity(), fnn.RNN(fnn.GRUCell(3)))
+    net = fnn.serial(fnn.model.Identity(), fnn.RNN(fnn.GRUCell(3)))
     _, params = net.init(jax.random.key(0), (-1, 4, 2))
     with pytest.raises(fnn.ShapeError) as e:
         jax.jit(net.apply)(params, jnp.ones((2, 4, 2), jnp.complex64))

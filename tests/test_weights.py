@@ -1,5 +1,5 @@
 """Tests for params files, export and tied embeddings (fnn.save_params,
-fnn.load_params, fnn.export); PyTorch weights are in test_torch_weights.py."""
+fnn.load_params, fnn.training.export); PyTorch weights are in test_torch_weights.py."""
 
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def test_export_round_trip_cnn():
         fnn.Flatten(), fnn.Dense(3),
     )  # fmt: skip
     _, params = cnn.init(jax.random.key(0), (-1, 8, 8, 1))
-    blob = fnn.export(cnn, params, (-1, 8, 8, 1))
+    blob = fnn.training.export(cnn, params, (-1, 8, 8, 1))
     exported = jax.export.deserialize(blob)
     for batch in (1, 5):
         x = jax.random.normal(jax.random.key(batch), (batch, 8, 8, 1))
@@ -108,7 +108,7 @@ def test_export_round_trip_stateful_model():
     _, params, state = model.init(jax.random.key(0), (-1, 3))
     x = jax.random.normal(jax.random.key(1), (16, 3))
     _, state = model.apply(params, state, x, train=True)  # running statistics
-    blob = fnn.export(model, params, (-1, 3), state=state)
+    blob = fnn.training.export(model, params, (-1, 3), state=state)
     exported = jax.export.deserialize(blob)
     for batch in (2, 7):
         x = jax.random.normal(jax.random.key(batch), (batch, 3))
@@ -117,7 +117,7 @@ def test_export_round_trip_stateful_model():
             rtol=RTOL_F32, atol=ATOL_F32,
         )  # fmt: skip
     with pytest.raises(ValueError, match="needs state="):
-        fnn.export(model, params, (-1, 3))
+        fnn.training.export(model, params, (-1, 3))
 
 
 # --- tied embeddings ------------------------------------------------------------

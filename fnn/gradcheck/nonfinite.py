@@ -252,7 +252,7 @@ def find_nonfinite(
 
     Examples:
       >>> import jax, jax.numpy as jnp, fnn
-      >>> net = fnn.serial(fnn.Dense(3), fnn.Relu(), fnn.elementwise(jnp.log),
+      >>> net = fnn.serial(fnn.Dense(3), fnn.Relu(), fnn.model.elementwise(jnp.log),
       ...                  fnn.Dense(1))
       >>> _, params = net.init(jax.random.key(0), (-1, 2))
       >>> params["0_dense"]["b"] = -jnp.ones(3)  # the log's input is <= 0

@@ -312,7 +312,7 @@ def elementwise(fn: Callable[[jax.Array], jax.Array], name: str | None = None) -
 
     Examples:
       >>> import jax, jax.numpy as jnp, fnn
-      >>> net = fnn.serial(fnn.Dense(2), fnn.elementwise(jnp.sin))
+      >>> net = fnn.serial(fnn.Dense(2), fnn.model.elementwise(jnp.sin))
       >>> list(net.init(jax.random.key(0), (-1, 3))[1])
       ['0_dense', '1_sin']
     """

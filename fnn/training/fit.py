@@ -180,7 +180,7 @@ def fit(
     steps (a history entry), every ``eval_every`` steps, at a checkpoint,
     every ``progress_every`` steps (the bar's loss) and at the end. There the
     pending metrics are pulled in one transfer and every step's loss is
-    checked: a NaN or infinite loss raises :class:`fnn.NonFiniteLossError`
+    checked: a NaN or infinite loss raises :class:`fnn.training.NonFiniteLossError`
     naming the step, and since every checkpoint is preceded by that check and
     a check of the params, no checkpoint holds a state reached through a
     non-finite loss.

@@ -39,7 +39,7 @@ class NonFiniteLossError(FloatingPointError):
 
     Examples:
       >>> import fnn
-      >>> issubclass(fnn.NonFiniteLossError, FloatingPointError)
+      >>> issubclass(fnn.training.NonFiniteLossError, FloatingPointError)
       True
     """
 
@@ -51,7 +51,7 @@ class NonFiniteLossError(FloatingPointError):
         self.batch: Any = None
 
 
-NonFiniteLossError.__module__ = "fnn"
+NonFiniteLossError.__module__ = "fnn.training"
 
 
 def history_format(owner: str, path: str | os.PathLike) -> str:

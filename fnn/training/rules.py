@@ -77,22 +77,39 @@ def check_rules(owner: str, rules: Any, mesh: Mesh | None) -> dict[str, P]:
         for entry in spec:
             if not all(isinstance(a, str) for a in _axes(entry)):
                 raise TypeError(
-                    f"{owner}: rule {pattern!r}: {spec} has the entry {entry!r}; "
+                    f"{owner}: rule {pattern!r}: {spec_text(spec)} has the entry "
+                    f"{entry!r}; "
                     f"an entry is None, a mesh axis name or a tuple of them."
                 )
             axes += _axes(entry)
         for axis in axes:
             if axis not in mesh.axis_names:
                 raise ValueError(
-                    f"{owner}: rule {pattern!r}: {spec} names the axis {axis!r}, "
+                    f"{owner}: rule {pattern!r}: {spec_text(spec)} names the axis "
+                    f"{axis!r}, "
                     f"but the mesh has the axes {mesh.axis_names!r}."
                 )
         if len(set(axes)) < len(axes):
             raise ValueError(
-                f"{owner}: rule {pattern!r}: {spec} uses a mesh axis twice; an "
+                f"{owner}: rule {pattern!r}: {spec_text(spec)} uses a mesh axis "
+                f"twice; an "
                 f"array is split over each axis at most once."
             )
     return dict(rules)
+
+
+def spec_text(spec: P) -> str:
+    """A spec as ``P('data', None)``, the same on every supported JAX.
+
+    (``str(PartitionSpec(...))`` changed between JAX releases.)
+
+    >>> spec_text(P(None, ("data", "tp")))
+    "P(None, ('data', 'tp'))"
+    >>> spec_text(P("data"))
+    "P('data',)"
+    """
+    entries = [repr(e) for e in spec]
+    return f"P({', '.join(entries)}{',' if len(entries) == 1 else ''})"
 
 
 def _normal(spec: P, ndim: int) -> tuple:
@@ -110,11 +127,12 @@ def _spec_for(owner: str, name: str, shape: tuple, rules: dict, mesh: Mesh) -> P
         if len(spec) > len(shape):
             raise ValueError(
                 f"{owner}: rule {pattern!r} gives params path {name!r} the spec "
-                f"{spec} with {len(spec)} entries, but its shape {shape!r} has "
+                f"{spec_text(spec)} with {len(spec)} entries, but its shape "
+                f"{shape!r} has "
                 f"rank {len(shape)}; drop the extra entries."
             )
     if len({_normal(rules[p], len(shape)) for p in hits}) > 1:
-        listing = ", ".join(f"{p!r}: {rules[p]}" for p in hits)
+        listing = ", ".join(f"{p!r}: {spec_text(rules[p])}" for p in hits)
         raise ValueError(
             f"{owner}: params path {name!r} is matched by rules with different "
             f"specs ({listing}); make the patterns match it once, or give them "
@@ -129,7 +147,8 @@ def _spec_for(owner: str, name: str, shape: tuple, rules: dict, mesh: Mesh) -> P
             raise ValueError(
                 f"{owner}: params path {name!r} of shape {shape!r} has dimension "
                 f"{dim} of size {shape[dim]}, which does not divide over mesh "
-                f"{where} of size {size} (rule {pattern!r}: {spec}); change the "
+                f"{where} of size {size} (rule {pattern!r}: {spec_text(spec)}); "
+                f"change the "
                 f"rule or make that dimension a multiple of {size}."
             )
     return spec
@@ -231,7 +250,7 @@ def _bytes(leaf: Any) -> tuple[int, int]:
 def _spec_name(leaf: Any) -> str:
     sharding = getattr(leaf, "sharding", None)
     if isinstance(sharding, NamedSharding):
-        return str(sharding.spec)
+        return spec_text(sharding.spec)
     return "-" if sharding is None else "one device"
 
 

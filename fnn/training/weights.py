@@ -316,7 +316,7 @@ def export(
       >>> import jax, jax.numpy as jnp, fnn
       >>> net = fnn.serial(fnn.Dense(8), fnn.Relu(), fnn.Dense(2))
       >>> _, params = net.init(jax.random.key(0), (-1, 3))
-      >>> blob = fnn.export(net, params, (-1, 3))
+      >>> blob = fnn.training.export(net, params, (-1, 3))
       >>> exported = jax.export.deserialize(blob)
       >>> exported.in_avals[0].shape
       (b, 3)

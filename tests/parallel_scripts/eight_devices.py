@@ -23,6 +23,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 import fnn
+from fnn.training.rules import spec_text
 
 STEPS, BATCH, ACCUM = 5, 32, 2
 NET = fnn.serial(fnn.Dense(16), fnn.Relu(), fnn.Dense(16), fnn.Relu(), fnn.Dense(8))
@@ -142,7 +143,7 @@ def run(
         "state": rel_diff(s.state, r.state) if state else 0.0,
         "metrics": rel_diff(ms, mr),
         "step": int(s.step),
-        "specs": {n: str(x.sharding.spec) for n, x in zip(names, tree_leaves(s))},
+        "specs": {n: spec_text(x.sharding.spec) for n, x in zip(names, tree_leaves(s))},
         "mu_follows_params": all(
             m.sharding.spec == p.sharding.spec
             for m, p in zip(

@@ -28,6 +28,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 import fnn
+from fnn.training.rules import spec_text
 
 DEVICES = int(sys.argv[1])
 NET = fnn.serial(fnn.Dense(16), fnn.Relu(), fnn.Dense(8))
@@ -91,7 +92,7 @@ def main(directory):
     out = {
         "devices": jax.device_count(),
         "saved_specs": sorted(
-            {str(x.sharding.spec) for x in jax.tree.leaves(ts.params)}
+            {spec_text(x.sharding.spec) for x in jax.tree.leaves(ts.params)}
         ),
     }
     for source in sorted(directory.glob("saved_*.npz")):

@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 import fnn
+from fnn.training.rules import spec_text
 
 jax.config.update("jax_enable_x64", True)
 STEPS, BATCH, ACCUM = 3, 8, 2
@@ -99,10 +100,10 @@ def main(out_dir, coordinator=None, n=1, pid=0, ckpt_dir=None, mode=None):
         result["restored_" + k] = v
     result["restored_step"] = np.asarray(restored.step.addressable_data(0))
     result["specs"] = np.array(
-        [str(ts.params[k].sharding.spec) for k in sorted(ts.params)]
+        [spec_text(ts.params[k].sharding.spec) for k in sorted(ts.params)]
     )
     result["restored_specs"] = np.array(
-        [str(restored.params[k].sharding.spec) for k in sorted(ts.params)]
+        [spec_text(restored.params[k].sharding.spec) for k in sorted(ts.params)]
     )
     np.savez(os.path.join(out_dir, f"params_{pid}.npz"), **result)
     jax.distributed.shutdown()

@@ -9,7 +9,7 @@ import numpy as np
 from jax.nn import initializers
 
 from fnn.model.core import Layer, fail, library_layer, signature
-from fnn.model.options import number, positive_int
+from fnn.model.options import boolean, number, positive_int
 from fnn.model.shapes import check_shape, expand_left
 
 
@@ -56,101 +56,82 @@ def sinusoidal_table(length: int, features: int, base: float = 10000.0) -> np.nd
     return table
 
 
-def SinusoidalPositionalEmbedding(
-    *, max_len: int | None = None, base: float = 10000.0
+def PositionalEmbedding(
+    max_len: int | None = None,
+    *,
+    learned: bool = False,
+    init: initializers.Initializer = initializers.normal(stddev=0.02),
+    base: float = 10000.0,
+    dtype: jnp.dtype = jnp.float32,
 ) -> Layer:
-    """Adds the fixed sine/cosine position table of the Transformer.
+    """Adds a vector per position: ``y[b, t] = x[b, t] + table[t]``.
 
-    ``y[b, t] = x[b, t] + table[t]`` with :func:`sinusoidal_table`. There are
-    no params; any sequence length works, and ``max_len`` only guards against
-    sequences longer than the model was meant for.
+    With ``learned=False`` (the default) the table is the fixed sine/cosine
+    table of the Transformer (:func:`sinusoidal_table`): no params, any
+    sequence length, and ``max_len`` only guards against sequences longer
+    than the model was meant for. With ``learned=True`` the table is a param
+    of shape ``(max_len, features)`` (``features`` is the input's last
+    dimension), and a sequence of ``time <= max_len`` steps uses its rows
+    ``0 .. time - 1``.
 
     Args:
-      max_len: the longest sequence accepted, or None for any.
-      base: the wavelength scale; 10000 as in the paper.
+      max_len: the longest sequence accepted; required when ``learned``,
+        else ``None`` accepts any length.
+      learned: a learned table instead of the fixed one.
+      init: initializer of a learned table; normal with standard deviation
+        0.02, as GPT-2 and BERT, so positions start small next to unit-scale
+        token embeddings.
+      base: the wavelength scale of the fixed table; 10000 as in the paper.
+      dtype: a learned table's dtype.
 
     Returns:
-      The layer; params ``{}``; shape ``(batch, time, features)`` is kept.
+      The layer; params ``{}``, or ``{'table': (max_len, features)}`` when
+      learned; the input's shape ``(batch, time, features)`` is kept.
 
     Raises:
-      ValueError: for a non-positive ``max_len`` or ``base``.
+      ValueError: for a non-positive ``max_len`` or ``base``, or
+        ``learned=True`` without ``max_len``.
       ShapeError: at init or apply, for an input not of rank 3, unknown
         features, or more than ``max_len`` time steps.
 
     Examples:
       >>> import jax, jax.numpy as jnp, fnn
-      >>> pe = fnn.SinusoidalPositionalEmbedding(max_len=16)
-      >>> pe.init(jax.random.key(0), (-1, 5, 4))
+      >>> fixed = fnn.PositionalEmbedding(max_len=16)
+      >>> fixed.init(jax.random.key(0), (-1, 5, 4))
       ((-1, 5, 4), {})
-      >>> pe.apply({}, jnp.zeros((1, 5, 4)))[0, 1].round(4)
+      >>> fixed.apply({}, jnp.zeros((1, 5, 4)))[0, 1].round(4)
       Array([0.8415, 0.5403, 0.01  , 1.    ], dtype=float32)
+      >>> learned = fnn.PositionalEmbedding(16, learned=True)
+      >>> shape, params = learned.init(jax.random.key(0), (-1, 5, 4))
+      >>> shape, params["table"].shape
+      ((-1, 5, 4), (16, 4))
     """
-    owner = "SinusoidalPositionalEmbedding"
+    owner = "PositionalEmbedding"
     max_len = positive_int(owner, "max_len", max_len, optional=True)
+    learned = boolean(owner, "learned", learned)
     base = number(owner, "base", base, low=0.0, low_open=True)
+    if learned and max_len is None:
+        raise ValueError(
+            "PositionalEmbedding: learned=True needs max_len, the number of rows "
+            "of the learned table, e.g. PositionalEmbedding(512, learned=True)."
+        )
     options = {"max_len": max_len} if max_len is not None else {}
-    if base != 10000.0:
-        options["base"] = base
-    desc = signature("SinusoidalPositionalEmbedding", **options)
+    options |= {"learned": True} if learned else {}
+    options |= {"base": base} if base != 10000.0 and not learned else {}
+    desc = signature(owner, **options)
 
     def init_fn(key, input_shape):
-        shape = check_shape(desc, input_shape)
-        return _check_sequence(desc, shape, max_len, None), {}
+        shape = _check_sequence(desc, check_shape(desc, input_shape), max_len, None)
+        if not learned:
+            return shape, {}
+        return shape, {"table": init(key, (max_len, shape[-1]), dtype)}
 
     def apply_fn(params, x, **kwargs):
-        _, time, features = _check_sequence(desc, jnp.shape(x), max_len, None)
+        want = params["table"].shape[-1] if learned else None
+        _, time, features = _check_sequence(desc, jnp.shape(x), max_len, want)
+        if learned:
+            return x + expand_left(params["table"][:time], 3)
         table = jnp.asarray(sinusoidal_table(time, features, base), x.dtype)
         return x + expand_left(table, 3)
 
-    return library_layer("sinusoidal_position", desc, init_fn, apply_fn)
-
-
-def LearnedPositionalEmbedding(
-    max_len: int,
-    features: int,
-    *,
-    init: initializers.Initializer = initializers.normal(stddev=0.02),
-    dtype: jnp.dtype = jnp.float32,
-) -> Layer:
-    """Adds a learned vector per position: ``y[b, t] = x[b, t] + table[t]``.
-
-    Args:
-      max_len: the number of positions, the longest sequence accepted.
-      features: the input's (and the table's) last dimension.
-      init: initializer of the table, shape ``(max_len, features)``; normal
-        with standard deviation 0.02, as GPT-2 and BERT, so positions start
-        small next to unit-scale token embeddings.
-      dtype: the table's dtype.
-
-    Returns:
-      The layer; params ``{'table': (max_len, features)}``; a sequence of
-      ``time <= max_len`` steps uses rows ``0 .. time - 1``.
-
-    Raises:
-      ValueError: for non-positive sizes.
-      ShapeError: at init or apply, for an input not of shape ``(batch, time,
-        features)`` or with more than ``max_len`` time steps.
-
-    Examples:
-      >>> import jax, jax.numpy as jnp, fnn
-      >>> pe = fnn.LearnedPositionalEmbedding(16, 4)
-      >>> shape, params = pe.init(jax.random.key(0), (-1, 5, 4))
-      >>> shape, params["table"].shape
-      ((-1, 5, 4), (16, 4))
-      >>> pe.apply(params, jnp.zeros((2, 5, 4))).shape
-      (2, 5, 4)
-    """
-    max_len = positive_int("LearnedPositionalEmbedding", "max_len", max_len)
-    features = positive_int("LearnedPositionalEmbedding", "features", features)
-    desc = signature("LearnedPositionalEmbedding", max_len=max_len, features=features)
-
-    def init_fn(key, input_shape):
-        shape = check_shape(desc, input_shape)
-        shape = _check_sequence(desc, shape, max_len, features)
-        return shape, {"table": init(key, (max_len, features), dtype)}
-
-    def apply_fn(params, x, **kwargs):
-        _, time, _ = _check_sequence(desc, jnp.shape(x), max_len, features)
-        return x + expand_left(params["table"][:time], 3)
-
-    return library_layer("learned_position", desc, init_fn, apply_fn)
+    return library_layer("position", desc, init_fn, apply_fn)

@@ -14,7 +14,7 @@ def Identity() -> Layer:
 
     Examples:
       >>> import jax, fnn
-      >>> fnn.Identity().init(jax.random.key(0), (-1, 3))
+      >>> fnn.model.Identity().init(jax.random.key(0), (-1, 3))
       ((-1, 3), {})
     """
 

@@ -1,0 +1,13 @@
+"""The training half: the step, ``fit``, data, evaluation, checkpoints, weights.
+
+``import fnn`` gives the curated names. This package adds
+:class:`NonFiniteLossError` (what :func:`fnn.fit` raises on a NaN loss, a
+``FloatingPointError``), :class:`TrainStep` (what :func:`fnn.make_train_step`
+returns) and :func:`export` (a model as a serialized ``jax.export`` artifact).
+"""
+
+from fnn.training.history import NonFiniteLossError
+from fnn.training.step import TrainStep
+from fnn.training.weights import export
+
+__all__ = ["NonFiniteLossError", "TrainStep", "export"]
