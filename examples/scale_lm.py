@@ -22,12 +22,20 @@ output layer over ``data`` alone. Adam's state follows the params.
 The script prints the sharding table (``step.sharding_table``), the train
 state's bytes per device against a replicated copy, the compiled step's
 ``memory_analysis()`` (per device), trains with ``fnn.fit`` (a tqdm bar),
+saves the training loss as a PNG (``--out``: a ``.png`` file or a folder),
 and ends with ``validation loss: X.XXXX`` (nats per character; the unigram
 baseline, character frequencies without context, is printed first).
 
+Measured on two CPU cores shared with other work (load average 8 to 11;
+``python examples/scale_lm.py``, 2026-11-30): 826,208 params; params and Adam
+state 1,407,560 bytes per device against 9,914,504 replicated (0.142); the
+compiled step's temporaries 9,181,488 bytes per device with remat and
+26,657,312 without (``--no-remat``); unigram baseline 3.2772, validation loss
+1.8990 (perplexity 6.68) after 600 steps, 5 minutes of wall and CPU time.
+
 Usage::
 
-    python examples/scale_lm.py             # 600 steps, a few minutes on 2 cores
+    python examples/scale_lm.py             # 600 steps, about 5 minutes on 2 cores
     python examples/scale_lm.py --quick     # a smoke test, seconds
     python examples/scale_lm.py --no-remat  # to compare the step's memory
 """
@@ -46,9 +54,10 @@ import time
 
 import jax
 import jax.numpy as jnp
+import matplotlib.pyplot as plt
 import numpy as np
 import optax
-from _common import make_parser
+from _common import make_parser, output_path
 from char_lm import ALPHABET, CHUNK, load_text
 from jax.sharding import PartitionSpec as P
 
@@ -127,6 +136,18 @@ def bytes_per_device(tree) -> tuple[int, int]:
     leaves = jax.tree.leaves(tree)
     local = sum(a.addressable_shards[0].data.nbytes for a in leaves)
     return local, sum(a.nbytes for a in leaves)
+
+
+def plot(history, unigram: float, title: str, path: str) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history])
+    ax.axhline(unigram, color="gray", ls="--", label="unigram baseline")
+    ax.set(xlabel="step", ylabel="nats per character", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 def main(argv=None) -> float:
@@ -216,6 +237,10 @@ def main(argv=None) -> float:
     eval_step = fnn.make_eval_step(loss_fn)
     batches = fnn.data.batches(valid, 64, shuffle=False, remainder="pad")
     loss = fnn.evaluate(eval_step, state, batches)["loss"]
+    path = output_path(args.out, "scale_lm.png")
+    title = f"{args.layers} blocks, remat {'on' if args.remat else 'off'}, mesh 2 x 4"
+    plot(history, unigram, title, path)
+    print(f"saved the training loss to {path}")
     print(f"validation perplexity: {math.exp(loss):.2f}")
     print(f"validation loss: {loss:.4f}")
     return loss

@@ -122,7 +122,10 @@ SPECS = {
         ("fit.png", "fit_grid.png"),
     ),
     "scale_lm.py": Spec(
-        (), r"validation loss: \d+\.\d{4}", (), sharded_and_beats_unigram
+        ("--out", "{tmp}"),
+        r"validation loss: \d+\.\d{4}",
+        ("scale_lm.png",),
+        sharded_and_beats_unigram,
     ),
     "xor.py": Spec(
         ("--out", "{tmp}/xor.png"),
