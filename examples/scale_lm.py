@@ -212,7 +212,7 @@ def main(argv=None) -> float:
     )
     sample = {k: v[: args.batch_size] for k, v in train.items()}
     memory = step.lower(state, sample).compile().memory_analysis()
-    if memory is not None:  # per device: XLA reports an SPMD program's sizes so
+    if memory is not None:  # XLA reports an SPMD program's sizes per device
         print(
             f"compiled step per device: arguments {memory.argument_size_in_bytes:,}"
             f", temporaries {memory.temp_size_in_bytes:,}, outputs "
