@@ -1,10 +1,17 @@
 """Compile time of ``repeat(block, n)`` against ``serial(block, ..., block)``.
 
 For n = 1, 8, 64 copies of a small MLP block, measures the wall time of
-``jax.jit(apply).lower(params, x).compile()`` (tracing, lowering and XLA
+``jax.jit(f).lower(params, x).compile()`` (tracing, lowering and XLA
 compilation) after ``jax.clear_caches()``, best of ``--repeats`` runs, and
-prints a markdown table. ``repeat`` traces the block once inside a
-``lax.scan``; ``serial`` traces and compiles it n times.
+prints a markdown table, for two functions ``f``:
+
+* the forward pass, ``apply(params, x)``;
+* the gradient, ``jax.grad(lambda p: sum(apply(p, x) ** 2))``, where remat
+  matters: ``repeat(block, n)`` and ``repeat(block, n, remat=True)``, and
+  for contrast ``serial`` of n blocks and of n ``fnn.remat(block)``.
+
+``repeat`` traces the block once inside a ``lax.scan``; ``serial`` traces and
+compiles it n times.
 
     PYTHONPATH=. python benchmarks/repeat_compile.py [--repeats 3] [--ns 1 8 64]
 
@@ -31,20 +38,24 @@ def block() -> fnn.Layer:
     )
 
 
-def compile_seconds(layer: fnn.Layer, repeats: int) -> float:
+def compile_seconds(layer: fnn.Layer, repeats: int, *, grad: bool) -> float:
     _, params = layer.init(jax.random.key(0), (-1, FEATURES))
     x = jnp.ones((BATCH, FEATURES))
     best = float("inf")
     for _ in range(repeats):
         jax.clear_caches()
 
-        def f(p, v):
+        def forward(p, v):
             return layer.apply(p, v)
 
+        def loss(p, v):
+            return jnp.sum(layer.apply(p, v) ** 2)
+
+        f = jax.grad(loss) if grad else forward
         start = time.perf_counter()
         compiled = jax.jit(f).lower(params, x).compile()
         best = min(best, time.perf_counter() - start)
-    compiled(params, x).block_until_ready()  # it runs
+    jax.block_until_ready(compiled(params, x))  # it runs
     return best
 
 
@@ -58,12 +69,32 @@ def main() -> None:
         f"residual(Dense({FEATURES}), Relu, Dense({FEATURES})), batch {BATCH}"
     )
     print()
-    print("| n | repeat (s) | serial (s) | serial / repeat |")
-    print("|---:|---:|---:|---:|")
+    print(
+        "| n | forward: repeat (s) | forward: serial (s) | serial / repeat "
+        "| grad: repeat (s) | grad: repeat, remat=True (s) | grad: serial (s) "
+        "| grad: serial of remat (s) |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in args.ns:
-        t_repeat = compile_seconds(fnn.repeat(block(), n), args.repeats)
-        t_serial = compile_seconds(fnn.serial(*[block()] * n), args.repeats)
-        print(f"| {n} | {t_repeat:.3f} | {t_serial:.3f} | {t_serial / t_repeat:.1f} |")
+        fwd_repeat = compile_seconds(fnn.repeat(block(), n), args.repeats, grad=False)
+        fwd_serial = compile_seconds(
+            fnn.serial(*[block()] * n), args.repeats, grad=False
+        )
+        grads = [
+            compile_seconds(layer, args.repeats, grad=True)
+            for layer in (
+                fnn.repeat(block(), n),
+                fnn.repeat(block(), n, remat=True),
+                fnn.serial(*[block()] * n),
+                fnn.serial(*[fnn.remat(block())] * n),
+            )
+        ]
+        print(
+            f"| {n} | {fwd_repeat:.3f} | {fwd_serial:.3f} "
+            f"| {fwd_serial / fwd_repeat:.1f} | "
+            + " | ".join(f"{t:.3f}" for t in grads)
+            + " |"
+        )
 
 
 if __name__ == "__main__":

@@ -22,9 +22,22 @@ per device (``step.sharding_table``'s total), the compiled step's
 them per device for an SPMD program) and the collectives of the compiled HLO
 inside the accumulation loop and outside it.
 
+With ``--remat`` it measures rematerialisation instead, on one device: a
+16-block residual MLP (each block ``x + Dense(256)(tanh(Dense(1024)(x)))``,
+a Dense(1) head, squared error, batch 512 or ``--batch``) written five ways:
+``repeat(block, 16)`` with ``remat=False``, ``True`` and the policy
+``dots_with_no_batch_dims_saveable``, and ``serial`` of 16 blocks without and
+with ``fnn.remat`` around each. For each it prints the temporary bytes of the
+compiled gradient (``jax.jit(jax.grad(loss)).lower(...).compile()
+.memory_analysis().temp_size_in_bytes``) and of the compiled training step
+(``make_train_step``, Adam), and the largest absolute difference of the
+gradients from those of the same network without remat.
+
 Usage::
 
-    python benchmarks/scale.py            # about a minute on 2 cores
+    python benchmarks/scale.py            # the sharding table, about 20 s on 2 cores
+    python benchmarks/scale.py --remat    # the remat table, about 45 s
+    python benchmarks/scale.py --remat --batch 2048
 """
 
 from __future__ import annotations
@@ -38,6 +51,7 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
     )
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import argparse
 import datetime
 import re
 
@@ -144,7 +158,90 @@ def fmt(counts: dict[str, int]) -> str:
     return ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none"
 
 
+REMAT_WIDTH, REMAT_HIDDEN, REMAT_BLOCKS = 256, 1024, 16
+
+
+def remat_block() -> fnn.Layer:
+    return fnn.residual(
+        fnn.serial(fnn.Dense(REMAT_HIDDEN), fnn.Tanh(), fnn.Dense(REMAT_WIDTH))
+    )
+
+
+def remat_variants() -> dict[str, fnn.Layer]:
+    n, block = REMAT_BLOCKS, remat_block()
+    dots = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    return {
+        f"repeat(block, {n})": fnn.repeat(block, n),
+        f"repeat(block, {n}, remat=True)": fnn.repeat(block, n, remat=True),
+        f"repeat(block, {n}, remat=dots_with_no_batch_dims_saveable)": fnn.repeat(
+            block, n, remat=dots
+        ),
+        f"serial({n} x block)": fnn.serial(*[block] * n),
+        f"serial({n} x remat(block))": fnn.serial(*[fnn.remat(block)] * n),
+    }
+
+
+def remat_table(batch_size: int) -> None:
+    """Temporaries of the gradient and of the step, with and without remat."""
+    rng = np.random.default_rng(0)
+    batch = {
+        "x": rng.normal(size=(batch_size, REMAT_WIDTH)).astype(np.float32),
+        "y": rng.normal(size=(batch_size, 1)).astype(np.float32),
+    }
+    print(
+        f"{REMAT_BLOCKS} blocks x + Dense({REMAT_WIDTH})(tanh(Dense({REMAT_HIDDEN})"
+        f"(x))), Dense(1) head, batch {batch_size}, float32, one device\n"
+    )
+    print(
+        "| network | grad temp (MiB) | grad: plain / this | step temp (MiB) "
+        "| step: plain / this | max abs grad difference |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    reference = {}  # the gradients and temporaries of the network without remat
+    for name, body in remat_variants().items():
+        net = fnn.serial(body, fnn.Dense(1))
+        _, params = net.init(jax.random.key(0), (-1, REMAT_WIDTH))
+
+        def loss_fn(params, batch, key, net=net):
+            err = net.apply(params, batch["x"]) - batch["y"]
+            return jnp.sum(err**2), err.shape[0]
+
+        grad_fn = jax.jit(jax.grad(lambda p, b, f=loss_fn: f(p, b, None)[0]))
+        grad_temp = (
+            grad_fn.lower(params, batch).compile().memory_analysis().temp_size_in_bytes
+        )
+        grads = grad_fn(params, batch)
+        step = fnn.make_train_step(loss_fn, optax.adam(1e-3))
+        ts = step.init(params, key=jax.random.key(1))
+        step_temp = step.lower(ts, batch).compile().memory_analysis().temp_size_in_bytes
+        kind = "repeat" if name.startswith("repeat") else "serial"
+        if kind not in reference:
+            reference[kind] = (grads, grad_temp, step_temp)
+        ref, ref_grad, ref_step = reference[kind]
+        diff = max(
+            float(jnp.max(jnp.abs(a - b)))
+            for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref), strict=True)
+        )
+        mib = 2.0**20
+        print(
+            f"| `{name}` | {grad_temp / mib:.2f} | {ref_grad / grad_temp:.2f} "
+            f"| {step_temp / mib:.2f} | {ref_step / step_temp:.2f} | {diff:.1e} |"
+        )
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--remat", action="store_true", help="the remat table instead of sharding"
+    )
+    parser.add_argument(
+        "--batch", type=int, default=512, help="the remat table's batch size"
+    )
+    args = parser.parse_args()
+    print(f"{machine()}, {datetime.date.today()}")
+    if args.remat:
+        remat_table(args.batch)
+        return
     assert jax.device_count() == 8, jax.devices()
     _, params = NET.init(jax.random.key(0), (-1, WIDTH))
     rng = np.random.default_rng(0)
@@ -153,7 +250,6 @@ def main() -> None:
         "y": rng.normal(size=(BATCH, WIDTH)).astype(np.float32),
     }
     mib = 2.0**20
-    print(f"{machine()}, {datetime.date.today()}")
     print(f"MLP {LAYERS} x Dense({WIDTH}), Adam, batch {BATCH}, 8 CPU devices\n")
     print(
         "| variant | accum | state/device (MiB) | state vs replicated | args (MiB) "

@@ -60,6 +60,17 @@ def ran_on_two_devices(lines: list[str]) -> None:
     assert "devices: 2, processes: 1" in lines, lines
 
 
+def sharded_and_beats_unigram(lines: list[str]) -> None:
+    assert any(s.endswith("; 8 devices") for s in lines), lines
+    assert any(s.startswith("total train state") for s in lines), lines
+    state = next(s for s in lines if s.startswith("params and Adam state:"))
+    # FSDP x TP on 2 x 4: well under a replicated copy per device
+    assert float(state.rsplit("(", 1)[1].rstrip(")")) < 0.25, state
+    assert any(s.startswith("compiled step per device:") for s in lines), lines
+    baseline = float(next(s for s in lines if s.startswith("unigram")).split()[2])
+    assert float(lines[-1].split()[-1]) < baseline, (lines[-1], baseline)
+
+
 class Spec(NamedTuple):
     args: tuple[str, ...]  # besides --quick; "{tmp}" is the tmp_path
     last_line: str  # a regular expression the whole last line must match
@@ -109,6 +120,12 @@ SPECS = {
         ("--out", "{tmp}/fit.png"),
         r"test mse: \d+\.\d{4}",
         ("fit.png", "fit_grid.png"),
+    ),
+    "scale_lm.py": Spec(
+        ("--out", "{tmp}"),
+        r"validation loss: \d+\.\d{4}",
+        ("scale_lm.png",),
+        sharded_and_beats_unigram,
     ),
     "xor.py": Spec(
         ("--out", "{tmp}/xor.png"),
