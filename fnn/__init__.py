@@ -47,6 +47,7 @@ from fnn.model.layers.norm import BatchNorm, LayerNorm, RMSNorm
 from fnn.model.layers.pool import AvgPool, GlobalMaxPool, GlobalMeanPool, MaxPool
 from fnn.model.layers.positional import PositionalEmbedding
 from fnn.model.layers.recurrent import RNN, GRUCell, LSTMCell
+from fnn.model.precision import precision
 from fnn.model.layers.reshape import Flatten, Reshape
 from fnn.model.remat import remat
 from fnn.model.repeat import repeat
@@ -77,6 +78,7 @@ __all__ = [
     "fan_out",
     "named",
     "parallel",
+    "precision",
     "remat",
     "repeat",
     "residual",
