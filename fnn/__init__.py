@@ -47,8 +47,8 @@ from fnn.model.layers.norm import BatchNorm, LayerNorm, RMSNorm
 from fnn.model.layers.pool import AvgPool, GlobalMaxPool, GlobalMeanPool, MaxPool
 from fnn.model.layers.positional import PositionalEmbedding
 from fnn.model.layers.recurrent import RNN, GRUCell, LSTMCell
-from fnn.model.precision import precision
 from fnn.model.layers.reshape import Flatten, Reshape
+from fnn.model.precision import precision
 from fnn.model.remat import remat
 from fnn.model.repeat import repeat
 from fnn.model.state import with_state

@@ -36,6 +36,7 @@ from fnn.training.accumulate import leading_size
 from fnn.training.callbacks import Run
 from fnn.training.evaluate import evaluate
 from fnn.training.history import HistoryFile, MetricLog, NonFiniteLossError
+from fnn.training.loss_scale import all_finite
 from fnn.training.resume import Saver
 
 
@@ -453,14 +454,7 @@ def _lr(ts: Any, template: Any) -> Any:
     return None if template is None else _learning_rate(ts.opt_state)
 
 
-@jax.jit
-def _all_finite(tree: Any) -> jax.Array:
-    leaves = [
-        jax.numpy.all(jax.numpy.isfinite(x))
-        for x in jax.tree.leaves(tree)
-        if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)
-    ]
-    return jax.numpy.all(jax.numpy.stack(leaves)) if leaves else jax.numpy.bool_(True)
+_all_finite = jax.jit(all_finite)
 
 
 def _check_params(ts: Any, step: int, last_ckpt: int | None) -> None:
