@@ -45,6 +45,18 @@ def shown_dtype(dtype: Any) -> dict[str, str]:
     return {} if dtype is None else {"dtype": dtype.name}
 
 
+def init_param(initializer: Any, key: jax.Array, shape: Any, param_dtype: Any):
+    """``initializer(key, shape)`` drawn in float32 (at least), stored in
+    ``param_dtype``.
+
+    Every layer draws its params through this: the values are rounded once to
+    a narrow ``param_dtype``, and initializers that have no bfloat16 or
+    float16 kernel on some backend (``orthogonal``'s QR on CPU) still work.
+    """
+    wide = jnp.promote_types(param_dtype, jnp.float32)
+    return jnp.asarray(initializer(key, shape, wide), param_dtype)
+
+
 def _is_floating(x: Any) -> bool:
     dtype = getattr(x, "dtype", None)
     if dtype is None:

@@ -18,7 +18,7 @@ from jax.nn import initializers
 
 from fnn.model.core import Layer, fail, library_layer, signature
 from fnn.model.options import boolean, positive_int
-from fnn.model.precision import layer_dtypes, to_compute
+from fnn.model.precision import init_param, layer_dtypes, to_compute
 from fnn.model.shapes import (
     check_real,
     check_shape,
@@ -133,9 +133,9 @@ def _kernel_and_bias(
 ) -> dict[str, jax.Array]:
     """Params ``{'w': w_shape, 'b': (features,)}``, no ``'b'`` without a bias."""
     k_w, k_b = jax.random.split(key)
-    params = {"w": w_init(k_w, w_shape, dtype)}
+    params = {"w": init_param(w_init, k_w, w_shape, dtype)}
     if use_bias:
-        params["b"] = b_init(k_b, w_shape[-1:], dtype)
+        params["b"] = init_param(b_init, k_b, w_shape[-1:], dtype)
     return params
 
 

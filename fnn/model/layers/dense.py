@@ -8,7 +8,7 @@ from jax.nn import initializers
 
 from fnn.model.core import Layer, fail, library_layer, signature
 from fnn.model.options import boolean, positive_int
-from fnn.model.precision import layer_dtypes, shown_dtype, to_compute
+from fnn.model.precision import init_param, layer_dtypes, shown_dtype, to_compute
 from fnn.model.shapes import check_real, check_shape, expand_left
 
 
@@ -78,9 +78,9 @@ def Dense(
         if shape[-1] == -1:
             fail(desc, f"the last dimension of the input must be known, got {shape!r}.")
         k_w, k_b = jax.random.split(key)
-        params = {"w": w_init(k_w, (shape[-1], features), param_dtype)}
+        params = {"w": init_param(w_init, k_w, (shape[-1], features), param_dtype)}
         if use_bias:
-            params["b"] = b_init(k_b, (features,), param_dtype)
+            params["b"] = init_param(b_init, k_b, (features,), param_dtype)
         return shape[:-1] + (features,), params
 
     def apply_fn(params, x, **kwargs):
@@ -149,7 +149,7 @@ def Embed(
     def init_fn(key, input_shape):
         shape = check_shape(desc, input_shape, min_rank=0)
         return shape + (features,), {
-            "table": init(key, (vocab_size, features), param_dtype)
+            "table": init_param(init, key, (vocab_size, features), param_dtype)
         }
 
     def apply_fn(params, ids, **kwargs):

@@ -24,6 +24,7 @@ from fnn.model.layers.pool import broadcast_mask, mask_error
 from fnn.model.options import boolean, number
 from fnn.model.precision import (
     at_least_float32,
+    init_param,
     layer_dtypes,
     result_dtype,
     shown_dtype,
@@ -89,9 +90,9 @@ def _init_affine(key, feat, use_scale, use_bias, scale_init, bias_init, param_dt
     k_s, k_b = jax.random.split(key)
     params = {}
     if use_scale:
-        params["scale"] = scale_init(k_s, feat, param_dtype)
+        params["scale"] = init_param(scale_init, k_s, feat, param_dtype)
     if use_bias:
-        params["bias"] = bias_init(k_b, feat, param_dtype)
+        params["bias"] = init_param(bias_init, k_b, feat, param_dtype)
     return params
 
 

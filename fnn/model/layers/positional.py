@@ -10,7 +10,7 @@ from jax.nn import initializers
 
 from fnn.model.core import Layer, fail, library_layer, signature
 from fnn.model.options import boolean, number, positive_int
-from fnn.model.precision import layer_dtypes, shown_dtype, to_compute
+from fnn.model.precision import init_param, layer_dtypes, shown_dtype, to_compute
 from fnn.model.shapes import check_shape, expand_left
 
 
@@ -131,7 +131,9 @@ def PositionalEmbedding(
         shape = _check_sequence(desc, check_shape(desc, input_shape), max_len, None)
         if not learned:
             return shape, {}
-        return shape, {"table": init(key, (max_len, shape[-1]), param_dtype)}
+        return shape, {
+            "table": init_param(init, key, (max_len, shape[-1]), param_dtype)
+        }
 
     def apply_fn(params, x, **kwargs):
         want = params["table"].shape[-1] if learned else None

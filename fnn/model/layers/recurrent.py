@@ -22,7 +22,7 @@ from jax.nn import initializers
 
 from fnn.model.core import Layer, fail, library_layer, signature
 from fnn.model.options import boolean, positive_int
-from fnn.model.precision import layer_dtypes, shown_dtype, to_compute
+from fnn.model.precision import init_param, layer_dtypes, shown_dtype, to_compute
 from fnn.model.shapes import check_real, check_shape, expand_left
 
 
@@ -71,10 +71,10 @@ def _gated_params(
     width = gates * features
     params = {
         "input": {
-            "w": w_init(k_i, (in_features, width), dtype),
+            "w": init_param(w_init, k_i, (in_features, width), dtype),
             "b": jnp.zeros((width,), dtype),
         },
-        "hidden": {"w": recurrent_init(k_h, (features, width), dtype)},
+        "hidden": {"w": init_param(recurrent_init, k_h, (features, width), dtype)},
     }
     if hidden_bias:
         params["hidden"]["b"] = jnp.zeros((width,), dtype)
