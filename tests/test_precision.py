@@ -154,7 +154,8 @@ def test_precision_keeps_params_grads_and_optimizer_state_float32():
         per_example = fnn.losses.softmax_cross_entropy(logits, batch["y"])
         return fnn.losses.sum_and_weight(per_example)
 
-    grads = jax.grad(lambda p: loss_fn(p, {"x": x, "y": labels}, None)[0])(params)
+    grad_fn = jax.jit(jax.grad(lambda p: loss_fn(p, {"x": x, "y": labels}, None)[0]))
+    grads = grad_fn(params)
     assert dtypes(grads) == {"float32"}
     step = fnn.make_train_step(loss_fn, optax.adam(1e-2))
     ts = step.init(params, key=jax.random.key(2))
@@ -190,7 +191,8 @@ def test_precision_composes_with_state_remat_and_repeat():
         y, s = model.apply(p, s, x, train=True)
         return jnp.sum(y**2), s
 
-    (value, new_state), grads = jax.value_and_grad(loss, has_aux=True)(params, state)
+    grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    (value, new_state), grads = grad_fn(params, state)
     assert value.dtype == F32
     assert dtypes(new_state) == {"float32"} and dtypes(grads) == {"float32"}
     plain = fnn.with_state(net)  # the same network in float32
