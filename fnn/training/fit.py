@@ -237,7 +237,8 @@ def fit(
       ``(train_state, history)``. ``history`` is a list of dicts, one per
       entry: ``step`` (the train state's step), ``epoch`` (epochs done,
       fractional), the train metrics averaged since the previous entry (loss
-      and aux metrics per example, ``grad_norm`` per step), ``lr`` when the
+      and aux metrics per example, ``grad_norm`` and ``loss_scale`` per step,
+      ``skipped`` summed), ``lr`` when the
       optimizer state holds a learning rate (``optax.inject_hyperparams``)
       and, where evaluated, ``eval_`` + each eval metric.
 
