@@ -57,7 +57,7 @@ from _workloads import (
 from steps import calibrate, compiled_stats, fmt, interleave, machine
 
 import fnn
-from fnn.training.step import safe_divide
+from fnn.training.accumulate import safe_divide
 
 FULL = {"grad_norm": True, "stacked": False, "key": "typed", "donate": True}
 DROPS = {

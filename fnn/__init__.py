@@ -48,6 +48,7 @@ from fnn.model.layers.pool import AvgPool, GlobalMaxPool, GlobalMeanPool, MaxPoo
 from fnn.model.layers.positional import PositionalEmbedding
 from fnn.model.layers.recurrent import RNN, GRUCell, LSTMCell
 from fnn.model.layers.reshape import Flatten, Reshape
+from fnn.model.precision import precision
 from fnn.model.remat import remat
 from fnn.model.repeat import repeat
 from fnn.model.state import with_state
@@ -77,6 +78,7 @@ __all__ = [
     "fan_out",
     "named",
     "parallel",
+    "precision",
     "remat",
     "repeat",
     "residual",

@@ -92,7 +92,7 @@ def test_without_scale_and_bias():
 
 def test_low_precision_input_is_normalised_in_float32():
     x = (1000.0 + jax.random.normal(jax.random.key(0), (2, 64))).astype(jnp.bfloat16)
-    layer = fnn.LayerNorm(use_scale=False, use_bias=False, dtype=jnp.bfloat16)
+    layer = fnn.LayerNorm(use_scale=False, use_bias=False, param_dtype=jnp.bfloat16)
     _, params = layer.init(jax.random.key(0), (-1, 64))
     y = layer.apply(params, x)
     assert y.dtype == jnp.bfloat16

@@ -240,6 +240,18 @@ def test_sharded_params_train_as_on_one_device(eight_devices, case):
     assert r["shardings_kept"], r  # the step returns the shardings init made
 
 
+@pytest.mark.parametrize("case", ["replicated", "fsdp"])
+def test_loss_scaling_skips_on_every_device_together(eight_devices, case):
+    # An infinite loss on one device's rows: one decision for all 8 devices.
+    r = eight_devices["loss_scale"][case]
+    assert r == {
+        "skipped": [0.0, 1.0],
+        "scale": 2.0**14,
+        "params_kept": True,
+        "scale_replicated": True,
+    }
+
+
 def test_rules_place_the_params(eight_devices):
     assert set(eight_devices["fsdp"]["specs"].values()) == {"P('data',)"}
     tp = eight_devices["tp"]["specs"]

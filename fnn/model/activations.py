@@ -24,6 +24,7 @@ from jax.typing import ArrayLike
 
 from fnn.model.core import Layer, fail, library_layer, signature
 from fnn.model.options import boolean, integer, number
+from fnn.model.precision import at_least_float32
 from fnn.model.shapes import check_shape
 
 
@@ -210,9 +211,31 @@ def Gelu(approximate: bool = False) -> Layer:
     return _activation("gelu", desc, lambda x: gelu(x, approximate))
 
 
+def _in_float32(fn: Callable[[jax.Array], jax.Array]) -> Callable:
+    """``fn`` computed in float32 (at least), its result in the input's dtype.
+
+    For the softmax layers: the exponentials and their sum, which lose the
+    most in bfloat16 and overflow in float16, are float32; the result is cast
+    back so that a layer keeps the dtype flowing through the network (its
+    values, probabilities or log-probabilities, need no more range than the
+    input's). A loss should take the logits: ``fnn.losses`` computes in
+    float32 from them.
+    """
+
+    def run(x: jax.Array) -> jax.Array:
+        y = fn(at_least_float32(x))
+        return y.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else y
+
+    return run
+
+
 def Softmax(axis: int = -1) -> Layer:
     """``jax.nn.softmax`` as a layer (stable: the max is subtracted first); the
     head for many classes.
+
+    It computes in float32 (float64 for float64 input) and returns the
+    input's dtype, so a bfloat16 network gets bfloat16 probabilities whose
+    sums and exponentials were float32.
 
     Args:
       axis: the axis that sums to one. The default, the last axis, is the
@@ -234,12 +257,15 @@ def Softmax(axis: int = -1) -> Layer:
     """
     a = integer("Softmax", "axis", axis)
     desc = signature("Softmax", axis=a)
-    return _activation("softmax", desc, lambda x: jax.nn.softmax(x, axis=a), axis=a)
+    fn = _in_float32(lambda x: jax.nn.softmax(x, axis=a))
+    return _activation("softmax", desc, fn, axis=a)
 
 
 def LogSoftmax(axis: int = -1) -> Layer:
     """``jax.nn.log_softmax``, ``x - logsumexp(x)``, as a layer; pairs with a
     cross-entropy loss.
+
+    Computed in float32 and returned in the input's dtype, as :func:`Softmax`.
 
     Args:
       axis: the axis normalised; the last (class) axis by default, as
@@ -256,7 +282,7 @@ def LogSoftmax(axis: int = -1) -> Layer:
     """
     a = integer("LogSoftmax", "axis", axis)
     desc = signature("LogSoftmax", axis=a)
-    fn = lambda x: jax.nn.log_softmax(x, axis=a)  # noqa: E731
+    fn = _in_float32(lambda x: jax.nn.log_softmax(x, axis=a))
     return _activation("log_softmax", desc, fn, axis=a)
 
 

@@ -14,6 +14,7 @@ import operator
 from collections.abc import Sequence
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -223,3 +224,38 @@ def choice(owner: str, name: str, value: Any, choices: Sequence[Any]) -> Any:
     raise ValueError(
         f"{owner}: expected {name} to be one of {tuple(choices)!r}, got {value!r}."
     )
+
+
+def floating_dtype(owner: str, name: str, value: Any, *, optional: bool = False) -> Any:
+    """``value`` as a floating ``numpy.dtype`` (``None`` passes when ``optional``).
+
+    Accepts what ``jnp.dtype`` accepts (``jnp.bfloat16``, ``"float16"``,
+    ``np.float32``) when it names a real floating-point type.
+
+    Raises:
+      ValueError: naming ``owner`` and ``name`` otherwise.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from fnn.model.options import floating_dtype
+      >>> floating_dtype("Dense", "dtype", jnp.bfloat16)
+      dtype(bfloat16)
+      >>> floating_dtype("Dense", "dtype", jnp.int8)
+      Traceback (most recent call last):
+      ...
+      ValueError: Dense: expected dtype to be a floating dtype such as
+      jnp.float32 or jnp.bfloat16, got <class 'jax.numpy.int8'>.
+    """
+    if optional and value is None:
+        return None
+    try:
+        dtype = None if value is None or isinstance(value, bool) else jnp.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        extra = " (or None)" if optional else ""
+        raise ValueError(
+            f"{owner}: expected {name} to be a floating dtype such as jnp.float32 "
+            f"or jnp.bfloat16{extra}, got {value!r}."
+        )
+    return dtype

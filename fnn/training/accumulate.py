@@ -66,7 +66,7 @@ def unpack_loss_output(out: Any) -> tuple[jax.Array, jax.Array, dict[str, jax.Ar
 
 def check_aux_names(aux: dict) -> None:
     """Raises ``ValueError`` when ``aux`` uses a name the metrics reserve."""
-    reserved = {"loss", "weight", "grad_norm"} & set(aux)
+    reserved = {"loss", "weight", "grad_norm", "loss_scale", "skipped"} & set(aux)
     if reserved:
         raise ValueError(f"loss_fn's aux may not use the names {sorted(reserved)!r}.")
 
@@ -113,6 +113,7 @@ def accumulate_gradients(
     *,
     accum_steps: int = 1,
     has_state: bool = False,
+    loss_scale: jax.Array | None = None,
 ) -> GradSums:
     """Sums the gradient of ``loss_fn`` over microbatches with one ``lax.scan``.
 
@@ -139,6 +140,10 @@ def accumulate_gradients(
       key: a ``jax.random.key`` or ``None`` (then every microbatch gets ``None``).
       accum_steps: the number of microbatches ``k``; ``B`` must be a multiple.
       has_state: whether ``loss_fn`` takes and returns the model state.
+      loss_scale: a scalar the loss sum is multiplied by before it is
+        differentiated (dynamic loss scaling, :mod:`fnn.training.loss_scale`):
+        ``grad_sum`` is then the gradient of the scaled loss, while
+        ``loss_sum`` stays unscaled. ``None`` scales nothing.
 
     Returns:
       :class:`GradSums` ``(grad_sum, weight, aux_sum, loss_sum, state)``.
@@ -176,9 +181,10 @@ def accumulate_gradients(
             else:
                 out, new_st = loss_fn(p, mb, mb_key), st
             loss_sum, weight, aux = unpack_loss_output(out)
-            return loss_sum, (weight, aux, new_st)
+            scaled = loss_sum if loss_scale is None else loss_sum * loss_scale
+            return scaled, (weight, aux, new_st, loss_sum)
 
-        (loss_sum, (weight, aux, new_st)), g = jax.value_and_grad(f, has_aux=True)(
+        (_, (weight, aux, new_st, loss_sum)), g = jax.value_and_grad(f, has_aux=True)(
             params
         )
         return (g, weight, aux, loss_sum), new_st

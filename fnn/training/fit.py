@@ -36,6 +36,7 @@ from fnn.training.accumulate import leading_size
 from fnn.training.callbacks import Run
 from fnn.training.evaluate import evaluate
 from fnn.training.history import HistoryFile, MetricLog, NonFiniteLossError
+from fnn.training.loss_scale import all_finite
 from fnn.training.resume import Saver
 
 
@@ -236,7 +237,8 @@ def fit(
       ``(train_state, history)``. ``history`` is a list of dicts, one per
       entry: ``step`` (the train state's step), ``epoch`` (epochs done,
       fractional), the train metrics averaged since the previous entry (loss
-      and aux metrics per example, ``grad_norm`` per step), ``lr`` when the
+      and aux metrics per example, ``grad_norm`` and ``loss_scale`` per step,
+      ``skipped`` summed), ``lr`` when the
       optimizer state holds a learning rate (``optax.inject_hyperparams``)
       and, where evaluated, ``eval_`` + each eval metric.
 
@@ -453,14 +455,7 @@ def _lr(ts: Any, template: Any) -> Any:
     return None if template is None else _learning_rate(ts.opt_state)
 
 
-@jax.jit
-def _all_finite(tree: Any) -> jax.Array:
-    leaves = [
-        jax.numpy.all(jax.numpy.isfinite(x))
-        for x in jax.tree.leaves(tree)
-        if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)
-    ]
-    return jax.numpy.all(jax.numpy.stack(leaves)) if leaves else jax.numpy.bool_(True)
+_all_finite = jax.jit(all_finite)
 
 
 def _check_params(ts: Any, step: int, last_ckpt: int | None) -> None:

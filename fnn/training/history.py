@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -201,16 +202,24 @@ class MetricLog:
 
     def means(self) -> dict[str, float]:
         """Means since the last :meth:`reset`: per example for the loss and aux
-        metrics (weighted by ``weight``), per step for ``grad_norm``."""
+        metrics (weighted by ``weight``), per step for ``grad_norm`` and
+        ``loss_scale``; ``skipped`` (loss scaling) is the number of skipped
+        updates, and ``grad_norm`` the mean over the steps not skipped (a
+        skipped step's gradient is not finite)."""
         if not self.host:
             return {}
         cols = {
             k: np.concatenate([m[k] for _, m in self.host]) for k in self.host[0][1]
         }
         w = cols.pop("weight", None)
+        applied = cols["skipped"] == 0 if "skipped" in cols else None
         out = {}
         for k, v in cols.items():
-            if k == "grad_norm" or w is None or w.sum() <= 0:
+            if k == "skipped":
+                out[k] = float(v.sum())
+            elif k == "grad_norm" and applied is not None:
+                out[k] = float(v[applied].mean()) if applied.any() else math.nan
+            elif k in ("grad_norm", "loss_scale") or w is None or w.sum() <= 0:
                 out[k] = float(v.mean())
             else:
                 out[k] = float((v * w).sum() / w.sum())

@@ -14,6 +14,10 @@ loop stops on the NaN loss instead of counting the entry as valid. To weight
 examples, multiply the per-example losses by the weights and divide by their
 sum.
 
+Every loss computes in float32 (float64 for float64 inputs): bfloat16 and
+float16 predictions and logits are upcast first, so the loss of a
+low-precision network, and the gradient it sends back, start in float32.
+
 The training loop reduces with :func:`sum_and_weight`: it adds sums and weights
 (counts of valid entries) over microbatches and divides once, which gives
 exactly the gradient of the whole batch, however the padding falls.
@@ -32,74 +36,13 @@ Examples:
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
 from fnn.model.options import number
-
-# --- masks ------------------------------------------------------------------------
-
-
-class _Mask(NamedTuple):
-    valid: jax.Array  # booleans: the entry counts
-    bad: jax.Array | None  # a number other than 0 or 1 (None for a bool mask)
-
-
-def _per_class(mask: _Mask | None) -> _Mask | None:
-    """A mask of ``(batch, ...)`` for values of ``(batch, ..., classes)``."""
-    if mask is None:
-        return None
-    bad = None if mask.bad is None else mask.bad[..., None]
-    return _Mask(mask.valid[..., None], bad)
-
-
-def _full_mask(where: str, mask: ArrayLike | None, shape: tuple[int, ...]):
-    """``mask`` of ``shape``; its shape must be a leading part of it.
-
-    A number other than 0 and 1 (NaN, negative, fractional) is valid and
-    ``bad``: :func:`_finish` makes its loss NaN.
-    """
-    if mask is None:
-        return None
-    mask = jnp.asarray(mask)
-    if mask.shape != shape[: mask.ndim]:
-        raise ValueError(
-            f"{where}: expected a mask of shape {shape!r} or a leading part of it, "
-            f"got {mask.shape!r}."
-        )
-    bad = None if mask.dtype == jnp.bool_ else (mask != 0) & (mask != 1)
-
-    def full(m):
-        m = m.reshape(m.shape + (1,) * (len(shape) - m.ndim))
-        return jnp.broadcast_to(m, shape)
-
-    return _Mask(full(mask != 0), None if bad is None else full(bad))
-
-
-def _keep(mask: _Mask | None, x: jax.Array) -> jax.Array:
-    """``x`` with masked entries replaced by 0 (so their gradient is 0, not NaN)."""
-    return x if mask is None else jnp.where(mask.valid, x, jnp.zeros((), x.dtype))
-
-
-def _finish(mask: _Mask | None, loss: jax.Array) -> jax.Array:
-    """The loss: 0 at masked entries, NaN where the mask is neither 0 nor 1."""
-    loss = _keep(mask, loss)
-    if mask is None or mask.bad is None:
-        return loss
-    return jnp.where(mask.bad, jnp.full((), jnp.nan, loss.dtype), loss)
-
-
-def _same_shape(where: str, a: jax.Array, b: jax.Array, names: str) -> None:
-    if a.shape != b.shape:
-        raise ValueError(
-            f"{where}: expected {names} of the same shape, got {a.shape!r} and "
-            f"{b.shape!r}."
-        )
-
+from fnn.training import masks
 
 # --- losses -----------------------------------------------------------------------
 
@@ -125,10 +68,12 @@ def squared_error(
       >>> fnn.losses.squared_error(jnp.array([1.0, 2.0]), jnp.array([0.0, 4.0]))
       Array([1., 4.], dtype=float32)
     """
-    p, t = jnp.asarray(predictions), jnp.asarray(targets)
-    _same_shape("squared_error", p, t, "predictions and targets")
-    m = _full_mask("squared_error", mask, p.shape)
-    return _finish(m, optax.losses.squared_error(_keep(m, p), _keep(m, t)))
+    p, t = masks.float32(predictions), masks.float32(targets)
+    masks.same_shape("squared_error", p, t, "predictions and targets")
+    m = masks.full_mask("squared_error", mask, p.shape)
+    return masks.finish(
+        m, optax.losses.squared_error(masks.keep(m, p), masks.keep(m, t))
+    )
 
 
 def mean_squared_error(
@@ -188,19 +133,19 @@ def softmax_cross_entropy(
     """
     where = "softmax_cross_entropy"
     label_smoothing = number(where, "label_smoothing", label_smoothing, low=0, high=1)
-    logits, labels = jnp.asarray(logits), jnp.asarray(labels)
+    logits, labels = masks.float32(logits), jnp.asarray(labels)
     if logits.ndim < 1:
         raise ValueError(f"{where}: expected logits with a class axis, got shape ().")
     batch, classes = logits.shape[:-1], logits.shape[-1]
-    m = _full_mask(where, mask, batch)
-    logits = _keep(_per_class(m), logits)
+    m = masks.full_mask(where, mask, batch)
+    logits = masks.keep(masks.per_class(m), logits)
     if labels.shape == batch:
         if not jnp.issubdtype(labels.dtype, jnp.integer):
             raise ValueError(
                 f"{where}: labels of shape {labels.shape!r} must be integer class "
                 f"ids, got dtype {labels.dtype}; cast them with .astype(int)."
             )
-        labels = _keep(m, labels)
+        labels = masks.keep(m, labels)
         # An id outside [0, classes) would silently read another class (-1
         # wraps to the last) or, smoothed, become a plausible target: its loss
         # is NaN instead, so a bad label is loud (fit stops on a NaN loss).
@@ -214,9 +159,9 @@ def softmax_cross_entropy(
                 jax.nn.one_hot(labels, classes, dtype=logits.dtype), label_smoothing
             )
             loss = optax.losses.softmax_cross_entropy(logits, target)
-        return _finish(m, jnp.where(bad, jnp.nan, loss))
+        return masks.finish(m, jnp.where(bad, jnp.nan, loss))
     elif labels.shape == logits.shape:
-        labels = _keep(_per_class(m), labels.astype(logits.dtype))
+        labels = masks.keep(masks.per_class(m), labels.astype(logits.dtype))
     else:
         raise ValueError(
             f"{where}: expected labels of shape {batch!r} (integer ids) or "
@@ -225,7 +170,7 @@ def softmax_cross_entropy(
         )
     if label_smoothing:
         labels = optax.losses.smooth_labels(labels, label_smoothing)
-    return _finish(m, optax.losses.softmax_cross_entropy(logits, labels))
+    return masks.finish(m, optax.losses.softmax_cross_entropy(logits, labels))
 
 
 def sigmoid_binary_cross_entropy(
@@ -255,11 +200,13 @@ def sigmoid_binary_cross_entropy(
       Array([[6.931472e-01],
              [1.000000e+04]], dtype=float32)
     """
-    z, y = jnp.asarray(logits), jnp.asarray(labels)
-    _same_shape("sigmoid_binary_cross_entropy", z, y, "logits and labels")
-    m = _full_mask("sigmoid_binary_cross_entropy", mask, z.shape)
-    y = _keep(m, y.astype(z.dtype))
-    return _finish(m, optax.losses.sigmoid_binary_cross_entropy(_keep(m, z), y))
+    z, y = masks.float32(logits), jnp.asarray(labels)
+    masks.same_shape("sigmoid_binary_cross_entropy", z, y, "logits and labels")
+    m = masks.full_mask("sigmoid_binary_cross_entropy", mask, z.shape)
+    y = masks.keep(m, y.astype(z.dtype))
+    return masks.finish(
+        m, optax.losses.sigmoid_binary_cross_entropy(masks.keep(m, z), y)
+    )
 
 
 # --- reductions -------------------------------------------------------------------
@@ -281,7 +228,8 @@ def sum_and_weight(
         results NaN.
 
     Returns:
-      ``(sum, weight)``, two scalars of ``per_example``'s float dtype. An
+      ``(sum, weight)``, two scalars of ``per_example``'s float dtype (float32
+      for bfloat16 and float16 values, which are summed in float32). An
       all-masked batch gives ``(0, 0)``; a mask value other than 0 and 1 (NaN,
       negative, fractional) gives ``(nan, nan)``, so the training loop stops
       instead of counting the entry as valid.
@@ -297,14 +245,14 @@ def sum_and_weight(
 
 
 def _sum_and_weight(where: str, per_example, mask):
-    x = jnp.asarray(per_example)
+    x = masks.float32(per_example)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         x = x.astype(jnp.float32)
-    m = _full_mask(where, mask, x.shape)
+    m = masks.full_mask(where, mask, x.shape)
     if m is None:
         return jnp.sum(x), jnp.asarray(x.size, x.dtype)
     weight = jnp.where(m.valid, jnp.ones((), x.dtype), jnp.zeros((), x.dtype))
-    return jnp.sum(_finish(m, x)), jnp.sum(_finish(m, weight))
+    return jnp.sum(masks.finish(m, x)), jnp.sum(masks.finish(m, weight))
 
 
 def mean(per_example: ArrayLike, mask: ArrayLike | None = None) -> jax.Array:

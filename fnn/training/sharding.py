@@ -240,10 +240,17 @@ def data_parallel_sums(
     """
     n = mesh.shape[axis]
 
-    def local_sums(params, state, batch, key):
+    def local_sums(params, state, batch, key, loss_scale):
         key = jax.random.fold_in(key, jax.lax.axis_index(axis))
         sums = accumulate_gradients(
-            loss_fn, params, state, batch, key, accum_steps=k, has_state=has_state
+            loss_fn,
+            params,
+            state,
+            batch,
+            key,
+            accum_steps=k,
+            has_state=has_state,
+            loss_scale=loss_scale,
         )
         sums = psum_fused(sums, axis)
         return sums._replace(state=jax.tree.map(mean_over(n), sums.state))
@@ -255,14 +262,14 @@ def data_parallel_sums(
     sharded = jax.shard_map(
         local_sums,
         mesh=mesh,
-        in_specs=(P(), P(), P(axis), P()),
+        in_specs=(P(), P(), P(axis), P(), P()),
         out_specs=P(),
         check_vma=False,
     )
 
-    def sums_fn(params, state, batch, key) -> GradSums:
+    def sums_fn(params, state, batch, key, loss_scale=None) -> GradSums:
         _check_split(leading_size(batch), n, k)
-        return sharded(params, state, batch, key)
+        return sharded(params, state, batch, key, loss_scale)
 
     return sums_fn
 
@@ -284,7 +291,9 @@ def partitioned_sums(
     n = mesh.shape[axis]
     rows = NamedSharding(mesh, P(axis))
 
-    def sums_fn(params, state, batch, key, param_shardings) -> GradSums:
+    def sums_fn(
+        params, state, batch, key, param_shardings, loss_scale=None
+    ) -> GradSums:
         _check_split(leading_size(batch), n, k)
 
         def constrained(p, *args):
@@ -295,7 +304,14 @@ def partitioned_sums(
 
         batch = jax.lax.with_sharding_constraint(batch, rows)
         return accumulate_gradients(
-            constrained, params, state, batch, key, accum_steps=k, has_state=has_state
+            constrained,
+            params,
+            state,
+            batch,
+            key,
+            accum_steps=k,
+            has_state=has_state,
+            loss_scale=loss_scale,
         )
 
     return sums_fn

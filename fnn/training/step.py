@@ -17,7 +17,6 @@ optimizer is given once: ``step.init(params, key=...)`` makes the state that
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -30,129 +29,19 @@ from jax.sharding import PartitionSpec as P
 from fnn.model.options import boolean, positive_int
 from fnn.training import rules, sharding
 from fnn.training.accumulate import (
-    GradSums,
     LossFn,
     accumulate_gradients,
     check_aux_names,
     leading_size,
-    safe_divide,
 )
+from fnn.training.loss_scale import loss_scale_options, scaled_optimizer
 from fnn.training.train_state import TrainState
-
-Metrics = dict[str, jax.Array]
-
-
-def global_norm(tree: Any) -> jax.Array:
-    """The 2-norm of all of ``tree``'s leaves (``optax.tree.norm``).
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> from fnn.training.step import global_norm
-      >>> float(global_norm({"a": jnp.array([3.0]), "b": jnp.array([[4.0]])}))
-      5.0
-    """
-    return optax.tree.norm(tree)
-
-
-def metrics_from_sums(sums: GradSums, *, grad_norm: bool = True) -> Metrics:
-    """``{"loss", "weight", **aux, "grad_norm"}`` from the (cross-device) sums:
-    sums divided by the weight (0 for a zero weight), the weight itself and,
-    unless ``grad_norm`` is False, the norm of the gradient ``grad_sum /
-    weight``."""
-    w = sums.weight
-    aux = {k: safe_divide(v, w) for k, v in sums.aux_sum.items()}
-    metrics = {"loss": safe_divide(sums.loss_sum, w), "weight": w, **aux}
-    if grad_norm:
-        metrics["grad_norm"] = safe_divide(global_norm(sums.grad_sum), w)
-    return metrics
-
-
-def apply_gradients(
-    optimizer: optax.GradientTransformation,
-    ts: TrainState,
-    sums: GradSums,
-    *,
-    grad_norm: bool = True,
-) -> tuple[TrainState, Metrics]:
-    """Divides the gradient sums by the weight once and takes an optimizer step.
-
-    A step whose total weight is 0 (an all-padding batch) has a zero gradient,
-    never NaN; the optimizer takes its step with it (plain SGD leaves params
-    as they were; Adam's moments decay). The divided gradient is cast to the
-    params' dtype, so the optimizer state keeps its dtypes.
-    """
-    grads = jax.tree.map(
-        lambda g, p: safe_divide(g, sums.weight).astype(p.dtype),
-        sums.grad_sum,
-        ts.params,
-    )
-    updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
-    params = optax.apply_updates(ts.params, updates)
-    new_ts = ts._replace(
-        step=ts.step + 1, params=params, opt_state=opt_state, state=sums.state
-    )
-    return new_ts, metrics_from_sums(sums, grad_norm=grad_norm)
-
-
-def _check_loss_arity(loss_fn: LossFn, has_state: bool) -> None:
-    """Refuses a loss function whose arguments contradict ``has_state``."""
-    try:
-        sig = inspect.signature(loss_fn)
-    except (TypeError, ValueError):
-        return
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    params = [p for p in sig.parameters.values() if p.kind in kinds]
-    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in sig.parameters.values()):
-        return
-    required = [p for p in params if p.default is inspect.Parameter.empty]
-    want = 4 if has_state else 3
-    if len(required) <= want <= len(params):
-        return
-    names = ", ".join(p.name for p in params)
-    if has_state:
-        fix = (
-            "with has_state=True it is called as loss_fn(params, state, batch, key) "
-            "and returns (out, new_state); pass has_state=False for a stateless model"
-        )
-    else:
-        fix = (
-            "it is called as loss_fn(params, batch, key); for a model with running "
-            "state (BatchNorm) write loss_fn(params, state, batch, key) returning "
-            "(out, new_state) and pass has_state=True"
-        )
-    raise TypeError(f"make_train_step: loss_fn takes ({names}), but {fix}.")
-
-
-def _check_train_state(ts: Any, optimizer: optax.GradientTransformation) -> None:
-    """Trace-time check that ``ts`` is a train state made for ``optimizer``."""
-    if not isinstance(ts, TrainState):
-        raise TypeError(
-            f"train step: expected a fnn.TrainState from step.init(params, "
-            f"key=...), got {type(ts).__name__}."
-        )
-    want = jax.eval_shape(optimizer.init, ts.params)
-    got_paths = jax.tree_util.tree_flatten_with_path(ts.opt_state)[0]
-    want_paths = jax.tree_util.tree_flatten_with_path(want)[0]
-    problem = None
-    if jax.tree.structure(ts.opt_state) != jax.tree.structure(want):
-        problem = (
-            f"its structure is {jax.tree.structure(ts.opt_state)}, the optimizer's "
-            f"is {jax.tree.structure(want)}"
-        )
-    else:
-        for (path, g), (_, w) in zip(got_paths, want_paths):
-            if jnp.shape(g) != w.shape:
-                problem = (
-                    f"opt_state{jax.tree_util.keystr(path)} has shape "
-                    f"{jnp.shape(g)!r}, the optimizer makes {w.shape!r}"
-                )
-                break
-    if problem is not None:
-        raise ValueError(
-            f"train step: the train state's opt_state was not made by this step's "
-            f"optimizer for these params ({problem}); make the state with "
-            f"step.init(params, key=...) of the step that updates it."
-        )
+from fnn.training.update import (
+    Metrics,
+    apply_gradients,
+    check_loss_arity,
+    check_train_state,
+)
 
 
 class TrainStep:
@@ -329,6 +218,7 @@ def make_train_step(
     data_axis: str | None = None,
     param_rules: dict[str, P] | None = None,
     grad_norm: bool = True,
+    loss_scale: Any = None,
     donate: bool = True,
     jit: bool = True,
     jit_kwargs: dict[str, Any] | None = None,
@@ -371,6 +261,19 @@ def make_train_step(
         (``docs/scale.md``).
       grad_norm: include the ``grad_norm`` metric (one more reduction over
         the gradients per step).
+      loss_scale: ``"dynamic"`` (or a :class:`fnn.training.DynamicLossScale`
+        with other settings) for dynamic loss scaling, the way to train a
+        float16 network: the loss is multiplied by the scale before
+        differentiation and the gradients divided by it; a step whose
+        gradients are not all finite (on any device) leaves params and
+        optimizer state as they were and halves the scale, and after
+        ``growth_interval`` finite steps in a row the scale doubles. The
+        scale lives in ``opt_state`` (a
+        :class:`fnn.training.LossScaleState` around the optimizer's state),
+        so checkpoints keep it; ``train_state.step`` counts every step,
+        skipped or not. Metrics gain ``loss_scale`` (the scale the step used)
+        and ``skipped`` (1.0 if its update was skipped, else 0.0).
+        ``None`` (the default) scales nothing.
       donate: donate the train state's buffers to the new state
         (``donate_argnums=0``): the train state passed in must not be used
         again.
@@ -408,6 +311,14 @@ def make_train_step(
       (1.0, 1)
     """
     owner = "make_train_step"
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(
+            f"{owner}: expected an optax GradientTransformation, e.g. "
+            f"optax.adam(1e-3), got {type(optimizer).__name__}."
+        )
+    scaling = loss_scale_options(owner, loss_scale)
+    if scaling is not None:
+        optimizer = scaled_optimizer(optimizer, scaling)
     options = {
         "optimizer": optimizer,
         "accum_steps": positive_int(owner, "accum_steps", accum_steps),
@@ -426,12 +337,7 @@ def make_train_step(
     }
     boolean(owner, "has_state", has_state)
     boolean(owner, "grad_norm", grad_norm)
-    if not isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError(
-            f"{owner}: expected an optax GradientTransformation, e.g. "
-            f"optax.adam(1e-3), got {type(optimizer).__name__}."
-        )
-    _check_loss_arity(loss_fn, has_state)
+    check_loss_arity(loss_fn, has_state)
     k, axis = options["accum_steps"], options["data_axis"]
     mesh, table = options["placement_mesh"], options["param_rules"]
     if mesh is None:
@@ -444,18 +350,28 @@ def make_train_step(
         sums_fn = sharding.partitioned_sums(loss_fn, mesh, axis, k, has_state)
 
     def one_step(ts: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
-        _check_train_state(ts, optimizer)
+        check_train_state(ts, optimizer)
         key = jax.random.fold_in(ts.key, ts.step)
+        scale = None if scaling is None else ts.opt_state.scale
         if table is None:
-            sums = sums_fn(ts.params, ts.state, batch, key)
+            sums = sums_fn(ts.params, ts.state, batch, key, loss_scale=scale)
         else:
             where = rules.state_shardings("train step", ts, optimizer, mesh, table)
             ts = jax.lax.with_sharding_constraint(ts, where)
-            sums = sums_fn(ts.params, ts.state, batch, key, where.params)
+            sums = sums_fn(
+                ts.params, ts.state, batch, key, where.params, loss_scale=scale
+            )
         check_aux_names(sums.aux_sum)
-        ts, metrics = apply_gradients(optimizer, ts, sums, grad_norm=grad_norm)
+        if scale is not None:
+            sums = sums._replace(
+                grad_sum=jax.tree.map(lambda g: g / scale, sums.grad_sum)
+            )
+        new_ts, metrics = apply_gradients(optimizer, ts, sums, grad_norm=grad_norm)
+        if scale is not None:
+            skipped = new_ts.opt_state.skipped - ts.opt_state.skipped
+            metrics |= {"loss_scale": scale, "skipped": skipped.astype(jnp.float32)}
         if table is not None:
-            ts = jax.lax.with_sharding_constraint(ts, where)
-        return ts, metrics
+            new_ts = jax.lax.with_sharding_constraint(new_ts, where)
+        return new_ts, metrics
 
     return TrainStep(one_step, options)

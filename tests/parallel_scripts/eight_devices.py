@@ -159,6 +159,33 @@ def run(
     return result
 
 
+def skips_together(params, mesh, rules):
+    """Loss scaling with an infinite loss on the last device's rows only: the
+    update is skipped (params unchanged) and the scale halved everywhere."""
+    step = fnn.make_train_step(
+        loss_fn,
+        optax.adam(1e-3),
+        mesh=mesh,
+        param_rules=rules,
+        accum_steps=ACCUM,
+        loss_scale="dynamic",
+    )
+    ts = step.init(params, key=jax.random.key(1))
+    batch = next(batches())
+    ts, first = step(ts, batch)
+    before = jax.tree.map(np.asarray, ts.params)
+    bad = dict(batch, y=batch["y"].copy())
+    bad["y"][-1] = np.inf  # the last row is on the last device
+    ts, second = step(ts, bad)
+    kept = jax.tree.map(np.array_equal, before, jax.tree.map(np.asarray, ts.params))
+    return {
+        "skipped": [float(first["skipped"]), float(second["skipped"])],
+        "scale": float(ts.opt_state.scale),
+        "params_kept": all(jax.tree.leaves(kept)),
+        "scale_replicated": ts.opt_state.scale.sharding.is_fully_replicated,
+    }
+
+
 def tree_paths(tree):
     return jax.tree_util.tree_leaves_with_path(tree)
 
@@ -198,6 +225,10 @@ def main():
     out["fsdp_batchnorm"] = run(
         one_device(bn_params, **kw), data_mesh, {"*/w": P("data")}, bn_params, **kw
     )
+    out["loss_scale"] = {
+        "replicated": skips_together(params, data_mesh, None),
+        "fsdp": skips_together(params, data_mesh, fsdp),
+    }
     # A dimension that does not divide over its mesh axis: 12 rows over 8.
     step = fnn.make_train_step(
         loss_fn, optax.sgd(0.1), mesh=data_mesh, param_rules=fsdp

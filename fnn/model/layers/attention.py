@@ -11,6 +11,7 @@ from jax.nn import initializers
 from fnn.model.core import Layer, fail, library_layer, signature
 from fnn.model.layers.dense import Dense
 from fnn.model.options import boolean, positive_int
+from fnn.model.precision import layer_dtypes, shown_dtype
 from fnn.model.shapes import check_real, check_shape, check_shapes, is_shape
 
 
@@ -96,9 +97,12 @@ def _combined_mask(
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, m: jax.Array | None):
     """softmax(q k^T / sqrt(d)) v on (batch, time, heads, head_dim) arrays.
 
-    ``jax.nn.dot_product_attention`` does its softmax in float32 whatever the
-    input dtype, which would spoil float64 gradient checks; float64 inputs take
-    the same formula written out with ``jax.nn.softmax`` in float64.
+    ``jax.nn.dot_product_attention`` computes the logits and the softmax in
+    float32 for bfloat16 and float16 inputs (its logits take
+    ``promote_types(q.dtype, float32)``) and returns the input's dtype: the
+    softmax of a low-precision network stays float32. float64 inputs take the
+    same formula written out with ``jax.nn.softmax`` in float64, for the
+    float64 gradient checks.
     """
     if q.dtype != jnp.float64:
         return jax.nn.dot_product_attention(q, k, v, mask=m)
@@ -117,7 +121,8 @@ def MultiHeadAttention(
     use_bias: bool = True,
     w_init: initializers.Initializer = initializers.lecun_normal(),
     b_init: initializers.Initializer = initializers.zeros,
-    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    dtype: jnp.dtype | None = None,
 ) -> Layer:
     """Multi-head dot-product attention, ``softmax(q k^T / sqrt(d)) v`` per head.
 
@@ -155,7 +160,11 @@ def MultiHeadAttention(
       use_bias: whether the projections add a bias.
       w_init: initializer of every projection's ``w``; LeCun normal, as Dense.
       b_init: initializer of every projection's ``b``; zeros.
-      dtype: the params' dtype.
+      param_dtype: the dtype the params are stored in.
+      dtype: the computation dtype of the projections and the attention
+        (input and params are cast to it); ``None`` promotes the input's and
+        the params' dtypes, as :func:`fnn.Dense`. The softmax runs in float32
+        (at least) whatever it is.
 
     Returns:
       The layer. Params ``{'query': {'w', 'b'}, 'key': {'w', 'b'}, 'value':
@@ -195,15 +204,22 @@ def MultiHeadAttention(
     out_features = positive_int(owner, "out_features", out_features, optional=True)
     causal = boolean(owner, "causal", causal)
     use_bias = boolean(owner, "use_bias", use_bias)
+    param_dtype, dtype = layer_dtypes(owner, param_dtype, dtype)
     options = {"qkv_features": qkv_features, "out_features": out_features}
     options = {k: v for k, v in options.items() if v is not None}
     if causal:
         options["causal"] = True
+    options |= shown_dtype(dtype)
     desc = signature("MultiHeadAttention", num_heads, **options)
 
     def proj(features: int) -> Layer:
         return Dense(
-            features, w_init=w_init, b_init=b_init, use_bias=use_bias, dtype=dtype
+            features,
+            w_init=w_init,
+            b_init=b_init,
+            use_bias=use_bias,
+            param_dtype=param_dtype,
+            dtype=dtype,
         )
 
     def init_fn(key, input_shape):

@@ -18,6 +18,7 @@ from jax.nn import initializers
 
 from fnn.model.core import Layer, fail, library_layer, signature
 from fnn.model.options import boolean, positive_int
+from fnn.model.precision import init_param, layer_dtypes, to_compute
 from fnn.model.shapes import (
     check_real,
     check_shape,
@@ -57,8 +58,10 @@ def _window_options(
 
 def _describe(kind: str, features: int, ks: tuple[int, ...], **options: Any) -> str:
     defaults = {"strides": 1, "padding": "SAME", "dilation": 1}
-    defaults |= {"feature_group_count": 1, "use_bias": True}
+    defaults |= {"feature_group_count": 1, "use_bias": True, "dtype": None}
     shown = {k: v for k, v in options.items() if v != defaults[k]}
+    if "dtype" in shown:
+        shown["dtype"] = shown["dtype"].name
     return signature(kind, features, ks, **shown)
 
 
@@ -130,9 +133,9 @@ def _kernel_and_bias(
 ) -> dict[str, jax.Array]:
     """Params ``{'w': w_shape, 'b': (features,)}``, no ``'b'`` without a bias."""
     k_w, k_b = jax.random.split(key)
-    params = {"w": w_init(k_w, w_shape, dtype)}
+    params = {"w": init_param(w_init, k_w, w_shape, dtype)}
     if use_bias:
-        params["b"] = b_init(k_b, w_shape[-1:], dtype)
+        params["b"] = init_param(b_init, k_b, w_shape[-1:], dtype)
     return params
 
 
@@ -157,7 +160,8 @@ def Conv(
     use_bias: bool = True,
     w_init: initializers.Initializer = initializers.lecun_normal(),
     b_init: initializers.Initializer = initializers.zeros,
-    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    dtype: jnp.dtype | None = None,
 ) -> Layer:
     """A convolution, channels last, on ``lax.conv_general_dilated``.
 
@@ -179,7 +183,10 @@ def Conv(
       w_init: initializer for ``w``, shape ``(*kernel_size, in_channels //
         feature_group_count, features)``; LeCun normal, as Dense.
       b_init: initializer for ``b``, shape ``(features,)``; zeros.
-      dtype: the params' dtype.
+      param_dtype: the dtype the params are stored in.
+      dtype: the computation dtype (input and params are cast to it);
+        ``None`` promotes the input's and the params' dtypes, as
+        :func:`fnn.Dense`.
 
     Returns:
       The layer; params ``{'w': ..., 'b': (features,)}``. An input of shape
@@ -206,6 +213,7 @@ def Conv(
     """
     features = positive_int("Conv", "features", features)
     boolean("Conv", "use_bias", use_bias)
+    param_dtype, dtype = layer_dtypes("Conv", param_dtype, dtype)
     ks, strides_t, dilation_t, pad = _window_options(
         "Conv", kernel_size, strides, dilation, padding
     )
@@ -225,6 +233,7 @@ def Conv(
         dilation=dilation,
         feature_group_count=groups,
         use_bias=use_bias,
+        dtype=dtype,
     )
     numbers = _NUMBERS[n]
 
@@ -238,7 +247,9 @@ def Conv(
             )
         out = out_shape(shape)
         w_shape = (*ks, shape[-1] // groups, features)
-        return out, _kernel_and_bias(key, w_shape, use_bias, w_init, b_init, dtype)
+        return out, _kernel_and_bias(
+            key, w_shape, use_bias, w_init, b_init, param_dtype
+        )
 
     def out_shape(shape):
         dk = _dilated(ks, dilation_t)
@@ -254,6 +265,7 @@ def Conv(
     def apply_fn(params, x, **kwargs):
         _check_apply_input(desc, x, n, params["w"].shape[-2] * groups)
         out_shape(tuple(jnp.shape(x)))  # fails for an input too small for the kernel
+        x, params = to_compute(dtype, x, params)
         x, w = _same_dtype(x, params["w"])
         y = lax.conv_general_dilated(
             x,
@@ -279,7 +291,8 @@ def ConvTranspose(
     use_bias: bool = True,
     w_init: initializers.Initializer = initializers.lecun_normal(),
     b_init: initializers.Initializer = initializers.zeros,
-    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    dtype: jnp.dtype | None = None,
 ) -> Layer:
     """A transposed convolution (upsampling), channels last, on ``lax.conv_transpose``.
 
@@ -301,7 +314,10 @@ def ConvTranspose(
       w_init: initializer for ``w``, shape ``(*kernel_size, in_channels,
         features)``; LeCun normal.
       b_init: initializer for ``b``, shape ``(features,)``; zeros.
-      dtype: the params' dtype.
+      param_dtype: the dtype the params are stored in.
+      dtype: the computation dtype (input and params are cast to it);
+        ``None`` promotes the input's and the params' dtypes, as
+        :func:`fnn.Dense`.
 
     Returns:
       The layer; params ``{'w': ..., 'b': (features,)}``.
@@ -324,6 +340,7 @@ def ConvTranspose(
     """
     features = positive_int("ConvTranspose", "features", features)
     boolean("ConvTranspose", "use_bias", use_bias)
+    param_dtype, dtype = layer_dtypes("ConvTranspose", param_dtype, dtype)
     ks, strides_t, dilation_t, pad = _window_options(
         "ConvTranspose", kernel_size, strides, dilation, padding
     )
@@ -336,6 +353,7 @@ def ConvTranspose(
         padding=padding,
         dilation=dilation,
         use_bias=use_bias,
+        dtype=dtype,
     )
     numbers = _NUMBERS[n]
 
@@ -343,7 +361,9 @@ def ConvTranspose(
         shape = check_spatial_input(desc, input_shape, n)
         out = out_shape(shape)
         w_shape = (*ks, shape[-1], features)
-        return out, _kernel_and_bias(key, w_shape, use_bias, w_init, b_init, dtype)
+        return out, _kernel_and_bias(
+            key, w_shape, use_bias, w_init, b_init, param_dtype
+        )
 
     def out_shape(shape):
         dk = _dilated(ks, dilation_t)
@@ -355,6 +375,7 @@ def ConvTranspose(
     def apply_fn(params, x, **kwargs):
         _check_apply_input(desc, x, n, params["w"].shape[-2])
         out_shape(tuple(jnp.shape(x)))  # fails for an input too small for the kernel
+        x, params = to_compute(dtype, x, params)
         x, w = _same_dtype(x, params["w"])
         y = lax.conv_transpose(
             x,

@@ -8,6 +8,7 @@ from jax.nn import initializers
 
 from fnn.model.core import Layer, fail, library_layer, signature
 from fnn.model.options import boolean, positive_int
+from fnn.model.precision import init_param, layer_dtypes, shown_dtype, to_compute
 from fnn.model.shapes import check_real, check_shape, expand_left
 
 
@@ -17,7 +18,8 @@ def Dense(
     w_init: initializers.Initializer = initializers.lecun_normal(),
     b_init: initializers.Initializer = initializers.zeros,
     use_bias: bool = True,
-    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    dtype: jnp.dtype | None = None,
 ) -> Layer:
     """A fully connected layer, ``y = x @ w + b``, on the last axis.
 
@@ -42,13 +44,17 @@ def Dense(
         activations through a stack of layers, as in Flax.
       b_init: initializer for ``b``, shape ``(features,)``; zeros by default.
       use_bias: whether to add ``b``; without it params are ``{'w': ...}``.
-      dtype: the params' dtype.
+      param_dtype: the dtype the params are stored in.
+      dtype: the computation dtype: the input and the params are cast to it
+        and the output has it. ``None`` computes in the input's and the
+        params' dtypes promoted together.
 
     Returns:
       The layer; params ``{'w': (in_features, features), 'b': (features,)}``.
 
     Raises:
-      ValueError: for a non-positive ``features``.
+      ValueError: for a non-positive ``features``, or a dtype that is not
+        floating.
       ShapeError: at init or apply, for an input whose last dimension is unknown
         or differs from ``in_features``; at apply, for an input that is not
         real floating-point (integers, booleans, complex numbers).
@@ -64,20 +70,22 @@ def Dense(
     """
     features = positive_int("Dense", "features", features)
     boolean("Dense", "use_bias", use_bias)
-    desc = signature("Dense", features=features)
+    param_dtype, dtype = layer_dtypes("Dense", param_dtype, dtype)
+    desc = signature("Dense", features=features, **shown_dtype(dtype))
 
     def init_fn(key, input_shape):
         shape = check_shape(desc, input_shape)
         if shape[-1] == -1:
             fail(desc, f"the last dimension of the input must be known, got {shape!r}.")
         k_w, k_b = jax.random.split(key)
-        params = {"w": w_init(k_w, (shape[-1], features), dtype)}
+        params = {"w": init_param(w_init, k_w, (shape[-1], features), param_dtype)}
         if use_bias:
-            params["b"] = b_init(k_b, (features,), dtype)
+            params["b"] = init_param(b_init, k_b, (features,), param_dtype)
         return shape[:-1] + (features,), params
 
     def apply_fn(params, x, **kwargs):
         check_real(desc, x)
+        x, params = to_compute(dtype, x, params)
         w = params["w"]
         if jnp.ndim(x) < 1 or jnp.shape(x)[-1] != w.shape[0]:
             fail(
@@ -96,7 +104,8 @@ def Embed(
     features: int,
     *,
     init: initializers.Initializer = initializers.normal(stddev=1.0),
-    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    dtype: jnp.dtype | None = None,
 ) -> Layer:
     """Turns integer token ids into vectors: row ``i`` of a table for token ``i``.
 
@@ -105,7 +114,9 @@ def Embed(
       features: the length of each vector.
       init: initializer for the table, shape ``(vocab_size, features)``;
         standard normal by default (as Flax), so embeddings start at unit scale.
-      dtype: the table's dtype.
+      param_dtype: the dtype the table is stored in.
+      dtype: the dtype of the vectors returned (the table is cast to it);
+        ``None`` returns them in ``param_dtype``.
 
     Returns:
       The layer; params ``{'table': (vocab_size, features)}``. Input ids of shape
@@ -116,7 +127,7 @@ def Embed(
       it.
 
     Raises:
-      ValueError: for non-positive sizes.
+      ValueError: for non-positive sizes, or a dtype that is not floating.
       ShapeError: at apply, for ids that are not integers.
 
     Examples:
@@ -130,11 +141,16 @@ def Embed(
     """
     vocab_size = positive_int("Embed", "vocab_size", vocab_size)
     features = positive_int("Embed", "features", features)
-    desc = signature("Embed", vocab_size=vocab_size, features=features)
+    param_dtype, dtype = layer_dtypes("Embed", param_dtype, dtype)
+    desc = signature(
+        "Embed", vocab_size=vocab_size, features=features, **shown_dtype(dtype)
+    )
 
     def init_fn(key, input_shape):
         shape = check_shape(desc, input_shape, min_rank=0)
-        return shape + (features,), {"table": init(key, (vocab_size, features), dtype)}
+        return shape + (features,), {
+            "table": init_param(init, key, (vocab_size, features), param_dtype)
+        }
 
     def apply_fn(params, ids, **kwargs):
         ids = jnp.asarray(ids)
@@ -144,6 +160,7 @@ def Embed(
         # out-of-bounds fill, so every bad id is read as row 0 and masked here;
         # the mask also gives those rows zero gradient.
         bad = (ids < 0) | (ids >= vocab_size)
+        _, params = to_compute(dtype, None, params)
         rows = jnp.take(params["table"], jnp.where(bad, 0, ids), axis=0)
         return jnp.where(bad[..., None], jnp.nan, rows)
 

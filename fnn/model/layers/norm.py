@@ -4,7 +4,10 @@ LayerNorm and RMSNorm normalise each example over its feature axes and are
 stateless. BatchNorm normalises each feature over the batch (and every other
 non-feature axis); it keeps running mean and variance as *state* (see
 :func:`fnn.with_state`), updated while training and used for inference.
-Statistics are computed in at least float32 whatever the input's dtype.
+Statistics, and the scale and bias applied to the normalised values, are
+computed in float32 (float64 for float64 inputs) whatever the input's and the
+compute dtype; the result is cast to the compute dtype. BatchNorm's running
+statistics are stored in float32 (at least) whatever ``param_dtype``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,14 @@ from jax.nn import initializers
 from fnn.model.core import Layer, fail, is_training, library_layer, signature
 from fnn.model.layers.pool import broadcast_mask, mask_error
 from fnn.model.options import boolean, number
+from fnn.model.precision import (
+    at_least_float32,
+    init_param,
+    layer_dtypes,
+    result_dtype,
+    shown_dtype,
+    to_compute,
+)
 from fnn.model.shapes import axes_arg, check_real, check_shape, non_batch_axes
 from fnn.model.state import declare_state, read_state, write_state
 
@@ -63,15 +74,11 @@ def _broadcastable(v: jax.Array, rank: int, axes: tuple[int, ...]) -> jax.Array:
     return v.reshape(tuple(next(it) if i in axes else 1 for i in range(rank)))
 
 
-def _compute(x: Any) -> jax.Array:
-    x = jnp.asarray(x)
-    return x.astype(jnp.result_type(x, jnp.float32))
-
-
-def _affine(y, params, x, axes):
-    out_dtype = jnp.result_type(x, *jax.tree.leaves(params))
-    if not jnp.issubdtype(out_dtype, jnp.inexact):
-        out_dtype = y.dtype
+def _affine(y, params, x, axes, dtype):
+    """``y * scale + bias`` in ``y``'s (float32 or wider) dtype, then cast to
+    the compute dtype (``dtype``, or input and params promoted together)."""
+    out_dtype = result_dtype(dtype, x, params)
+    _, params = to_compute(dtype, None, params)
     if "scale" in params:
         y = y * _broadcastable(params["scale"], x.ndim, axes)
     if "bias" in params:
@@ -79,13 +86,13 @@ def _affine(y, params, x, axes):
     return y.astype(out_dtype)
 
 
-def _init_affine(key, feat, use_scale, use_bias, scale_init, bias_init, dtype):
+def _init_affine(key, feat, use_scale, use_bias, scale_init, bias_init, param_dtype):
     k_s, k_b = jax.random.split(key)
     params = {}
     if use_scale:
-        params["scale"] = scale_init(k_s, feat, dtype)
+        params["scale"] = init_param(scale_init, k_s, feat, param_dtype)
     if use_bias:
-        params["bias"] = bias_init(k_b, feat, dtype)
+        params["bias"] = init_param(bias_init, k_b, feat, param_dtype)
     return params
 
 
@@ -97,7 +104,8 @@ def LayerNorm(
     axis: int | tuple[int, ...] = -1,
     scale_init: initializers.Initializer = initializers.ones,
     bias_init: initializers.Initializer = initializers.zeros,
-    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    dtype: jnp.dtype | None = None,
 ) -> Layer:
     """Normalises each example over ``axis``: ``(x - mean) / sqrt(var + eps)``.
 
@@ -112,7 +120,10 @@ def LayerNorm(
         batch axis 0 cannot be one of them.
       scale_init: initializer for ``scale``.
       bias_init: initializer for ``bias``.
-      dtype: the params' dtype.
+      param_dtype: the dtype the params are stored in.
+      dtype: the dtype of the result; ``None`` gives the input's and the
+        params' dtypes promoted together. The statistics are float32 either
+        way.
 
     Returns:
       The layer; params ``{'scale': features, 'bias': features}`` where
@@ -137,13 +148,14 @@ def LayerNorm(
     axes = axes_arg("LayerNorm", axis)
     shown = {"epsilon": epsilon} if epsilon != 1e-5 else {}
     shown |= {} if axis == -1 else {"axis": axis}
-    desc = signature("LayerNorm", **shown)
+    param_dtype, dtype = layer_dtypes("LayerNorm", param_dtype, dtype)
+    desc = signature("LayerNorm", **shown, **shown_dtype(dtype))
 
     def init_fn(key, input_shape):
         shape = check_shape(desc, input_shape, min_rank=2)
         feat = _features(shape, _resolve(desc, axes, shape))
         params = _init_affine(
-            key, feat, use_scale, use_bias, scale_init, bias_init, dtype
+            key, feat, use_scale, use_bias, scale_init, bias_init, param_dtype
         )
         return shape, params
 
@@ -153,10 +165,10 @@ def LayerNorm(
         ax = _resolve(desc, axes, x.shape)
         if params:
             _check_features(desc, x, ax, next(iter(params.values())).shape)
-        xc = _compute(x)
+        xc = at_least_float32(x)
         mean = jnp.mean(xc, ax, keepdims=True)
         var = jnp.mean(jnp.square(xc - mean), ax, keepdims=True)
-        return _affine((xc - mean) * lax.rsqrt(var + epsilon), params, x, ax)
+        return _affine((xc - mean) * lax.rsqrt(var + epsilon), params, x, ax, dtype)
 
     return library_layer("layernorm", desc, init_fn, apply_fn)
 
@@ -167,7 +179,8 @@ def RMSNorm(
     use_scale: bool = True,
     axis: int | tuple[int, ...] = -1,
     scale_init: initializers.Initializer = initializers.ones,
-    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    dtype: jnp.dtype | None = None,
 ) -> Layer:
     """Root-mean-square normalisation: ``x / sqrt(mean(x**2) + eps) * scale``.
 
@@ -178,7 +191,10 @@ def RMSNorm(
       use_scale: whether to multiply by a learned ``scale`` (init ones).
       axis: the feature axis or axes, default the last.
       scale_init: initializer for ``scale``.
-      dtype: the params' dtype.
+      param_dtype: the dtype the params are stored in.
+      dtype: the dtype of the result; ``None`` gives the input's and the
+        params' dtypes promoted together. The statistics are float32 either
+        way.
 
     Returns:
       The layer; params ``{'scale': features}``; output shape = input shape.
@@ -199,12 +215,15 @@ def RMSNorm(
     axes = axes_arg("RMSNorm", axis)
     shown = {"epsilon": epsilon} if epsilon != 1e-5 else {}
     shown |= {} if axis == -1 else {"axis": axis}
-    desc = signature("RMSNorm", **shown)
+    param_dtype, dtype = layer_dtypes("RMSNorm", param_dtype, dtype)
+    desc = signature("RMSNorm", **shown, **shown_dtype(dtype))
 
     def init_fn(key, input_shape):
         shape = check_shape(desc, input_shape, min_rank=2)
         feat = _features(shape, _resolve(desc, axes, shape))
-        params = _init_affine(key, feat, use_scale, False, scale_init, None, dtype)
+        params = _init_affine(
+            key, feat, use_scale, False, scale_init, None, param_dtype
+        )
         return shape, params
 
     def apply_fn(params, x, **kwargs):
@@ -213,9 +232,9 @@ def RMSNorm(
         ax = _resolve(desc, axes, x.shape)
         if params:
             _check_features(desc, x, ax, params["scale"].shape)
-        xc = _compute(x)
+        xc = at_least_float32(x)
         ms = jnp.mean(jnp.square(xc), ax, keepdims=True)
-        return _affine(xc * lax.rsqrt(ms + epsilon), params, x, ax)
+        return _affine(xc * lax.rsqrt(ms + epsilon), params, x, ax, dtype)
 
     return library_layer("rmsnorm", desc, init_fn, apply_fn)
 
@@ -251,7 +270,8 @@ def BatchNorm(
     axis_name: str | None = None,
     scale_init: initializers.Initializer = initializers.ones,
     bias_init: initializers.Initializer = initializers.zeros,
-    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    dtype: jnp.dtype | None = None,
 ) -> Layer:
     """Batch normalisation, with running mean and variance kept as state.
 
@@ -279,7 +299,9 @@ def BatchNorm(
         with a sharded batch the statistics are already global: leave it None.
       scale_init: initializer for ``scale``.
       bias_init: initializer for ``bias``.
-      dtype: the params' and the state's dtype.
+      param_dtype: the dtype the params are stored in. The running
+        statistics are float32 (float64 if ``param_dtype`` is).
+      dtype: the dtype of the result, as in :func:`LayerNorm`.
 
     Returns:
       The layer; params ``{'scale': features, 'bias': features}``, state
@@ -311,16 +333,18 @@ def BatchNorm(
     shown |= {"epsilon": epsilon} if epsilon != 1e-5 else {}
     shown |= {} if axis == -1 else {"axis": axis}
     shown |= {} if axis_name is None else {"axis_name": axis_name}
-    desc = signature("BatchNorm", **shown)
+    param_dtype, dtype = layer_dtypes("BatchNorm", param_dtype, dtype)
+    desc = signature("BatchNorm", **shown, **shown_dtype(dtype))
 
     def init_fn(key, input_shape):
         shape = check_shape(desc, input_shape, min_rank=2)
         feat = _features(shape, _resolve(desc, axes, shape))
         params = _init_affine(
-            key, feat, use_scale, use_bias, scale_init, bias_init, dtype
+            key, feat, use_scale, use_bias, scale_init, bias_init, param_dtype
         )
+        stats = jnp.promote_types(param_dtype, jnp.float32)
         declare_state(
-            desc, {"mean": jnp.zeros(feat, dtype), "var": jnp.ones(feat, dtype)}
+            desc, {"mean": jnp.zeros(feat, stats), "var": jnp.ones(feat, stats)}
         )
         return shape, params
 
@@ -330,7 +354,7 @@ def BatchNorm(
         ax = _resolve(desc, axes, x.shape)
         state = read_state(desc)
         _check_features(desc, x, ax, state["mean"].shape, "running statistics")
-        xc = _compute(x)
+        xc = at_least_float32(x)
         if is_training(key, train):
             red = tuple(i for i in range(x.ndim) if i not in ax)
             if mask is not None:
@@ -349,6 +373,6 @@ def BatchNorm(
         else:
             mean = _broadcastable(state["mean"], x.ndim, ax)
             var = _broadcastable(state["var"], x.ndim, ax)
-        return _affine((xc - mean) * lax.rsqrt(var + epsilon), params, x, ax)
+        return _affine((xc - mean) * lax.rsqrt(var + epsilon), params, x, ax, dtype)
 
     return library_layer("batchnorm", desc, init_fn, apply_fn)

@@ -10,6 +10,7 @@ from jax.nn import initializers
 
 from fnn.model.core import Layer, fail, library_layer, signature
 from fnn.model.options import boolean, number, positive_int
+from fnn.model.precision import init_param, layer_dtypes, shown_dtype, to_compute
 from fnn.model.shapes import check_shape, expand_left
 
 
@@ -62,7 +63,8 @@ def PositionalEmbedding(
     learned: bool = False,
     init: initializers.Initializer = initializers.normal(stddev=0.02),
     base: float = 10000.0,
-    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    dtype: jnp.dtype | None = None,
 ) -> Layer:
     """Adds a vector per position: ``y[b, t] = x[b, t] + table[t]``.
 
@@ -82,15 +84,18 @@ def PositionalEmbedding(
         0.02, as GPT-2 and BERT, so positions start small next to unit-scale
         token embeddings.
       base: the wavelength scale of the fixed table; 10000 as in the paper.
-      dtype: a learned table's dtype.
+      param_dtype: the dtype a learned table is stored in.
+      dtype: the computation dtype: the input and the table are cast to it.
+        ``None`` promotes the input's and a learned table's dtypes (a fixed
+        table takes the input's dtype).
 
     Returns:
       The layer; params ``{}``, or ``{'table': (max_len, features)}`` when
       learned; the input's shape ``(batch, time, features)`` is kept.
 
     Raises:
-      ValueError: for a non-positive ``max_len`` or ``base``, or
-        ``learned=True`` without ``max_len``.
+      ValueError: for a non-positive ``max_len`` or ``base``,
+        ``learned=True`` without ``max_len``, or a dtype that is not floating.
       ShapeError: at init or apply, for an input not of rank 3, unknown
         features, or more than ``max_len`` time steps.
 
@@ -110,6 +115,7 @@ def PositionalEmbedding(
     max_len = positive_int(owner, "max_len", max_len, optional=True)
     learned = boolean(owner, "learned", learned)
     base = number(owner, "base", base, low=0.0, low_open=True)
+    param_dtype, dtype = layer_dtypes(owner, param_dtype, dtype)
     if learned and max_len is None:
         raise ValueError(
             "PositionalEmbedding: learned=True needs max_len, the number of rows "
@@ -118,17 +124,21 @@ def PositionalEmbedding(
     options = {"max_len": max_len} if max_len is not None else {}
     options |= {"learned": True} if learned else {}
     options |= {"base": base} if base != 10000.0 and not learned else {}
+    options |= shown_dtype(dtype)
     desc = signature(owner, **options)
 
     def init_fn(key, input_shape):
         shape = _check_sequence(desc, check_shape(desc, input_shape), max_len, None)
         if not learned:
             return shape, {}
-        return shape, {"table": init(key, (max_len, shape[-1]), dtype)}
+        return shape, {
+            "table": init_param(init, key, (max_len, shape[-1]), param_dtype)
+        }
 
     def apply_fn(params, x, **kwargs):
         want = params["table"].shape[-1] if learned else None
         _, time, features = _check_sequence(desc, jnp.shape(x), max_len, want)
+        x, params = to_compute(dtype, x, params)
         if learned:
             return x + expand_left(params["table"][:time], 3)
         table = jnp.asarray(sinusoidal_table(time, features, base), x.dtype)

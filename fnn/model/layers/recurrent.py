@@ -22,6 +22,7 @@ from jax.nn import initializers
 
 from fnn.model.core import Layer, fail, library_layer, signature
 from fnn.model.options import boolean, positive_int
+from fnn.model.precision import init_param, layer_dtypes, shown_dtype, to_compute
 from fnn.model.shapes import check_real, check_shape, expand_left
 
 
@@ -70,10 +71,10 @@ def _gated_params(
     width = gates * features
     params = {
         "input": {
-            "w": w_init(k_i, (in_features, width), dtype),
+            "w": init_param(w_init, k_i, (in_features, width), dtype),
             "b": jnp.zeros((width,), dtype),
         },
-        "hidden": {"w": recurrent_init(k_h, (features, width), dtype)},
+        "hidden": {"w": init_param(recurrent_init, k_h, (features, width), dtype)},
     }
     if hidden_bias:
         params["hidden"]["b"] = jnp.zeros((width,), dtype)
@@ -95,7 +96,8 @@ def GRUCell(
     *,
     w_init: initializers.Initializer = initializers.lecun_normal(),
     recurrent_init: initializers.Initializer = initializers.orthogonal(),
-    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    dtype: jnp.dtype | None = None,
 ) -> Cell:
     """A gated recurrent unit (Cho et al., 2014), in the layout of cuDNN and PyTorch.
 
@@ -111,7 +113,10 @@ def GRUCell(
       w_init: initializer of the input weights; LeCun normal as Dense and Flax.
       recurrent_init: initializer of the hidden weights; orthogonal, as Flax,
         which keeps the hidden state's scale over many steps.
-      dtype: the params' dtype. Biases start at zero.
+      param_dtype: the dtype the params are stored in. Biases start at zero.
+      dtype: the computation dtype: each step casts its input, the carry and
+        the params to it, so the carry and the output have it. ``None``
+        promotes the dtypes of the input and the params, as :func:`fnn.Dense`.
 
     Returns:
       A :class:`Cell`. Params ``{'input': {'w': (in, 3 * features), 'b': (3 *
@@ -119,7 +124,8 @@ def GRUCell(
       features,)}}``; the carry is ``h``, shape ``(batch, features)``.
 
     Raises:
-      ValueError: for a non-positive ``features``.
+      ValueError: for a non-positive ``features``, or a dtype that is not
+        floating.
 
     Examples:
       >>> import jax, fnn
@@ -128,15 +134,17 @@ def GRUCell(
       ((3, 12), (4, 12))
     """
     f = features = positive_int("GRUCell", "features", features)
-    desc = signature("GRUCell", features=f)
+    param_dtype, dtype = layer_dtypes("GRUCell", param_dtype, dtype)
+    desc = signature("GRUCell", features=f, **shown_dtype(dtype))
 
     def init(key, in_features):
         return _gated_params(
-            key, in_features, f, 3, w_init, recurrent_init, True, dtype
+            key, in_features, f, 3, w_init, recurrent_init, True, param_dtype
         )
 
     def step(params, h, x):
         _check_step_input(desc, params, x)
+        (h, x), params = to_compute(dtype, (h, x), params)
         gi = x @ params["input"]["w"] + expand_left(params["input"]["b"], 2)
         gh = h @ params["hidden"]["w"] + expand_left(params["hidden"]["b"], 2)
         r = jax.nn.sigmoid(gi[..., :f] + gh[..., :f])
@@ -156,7 +164,8 @@ def LSTMCell(
     *,
     w_init: initializers.Initializer = initializers.lecun_normal(),
     recurrent_init: initializers.Initializer = initializers.orthogonal(),
-    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    dtype: jnp.dtype | None = None,
 ) -> Cell:
     """A long short-term memory cell (Hochreiter and Schmidhuber, 1997).
 
@@ -172,9 +181,10 @@ def LSTMCell(
       features: the size of the hidden and cell states (and of the output).
       w_init: initializer of the input weights; LeCun normal.
       recurrent_init: initializer of the hidden weights; orthogonal, as Flax.
-      dtype: the params' dtype. The bias starts at zero (forget gate
-        included), as in Flax and PyTorch; set ``params['input']['b']`` to
-        change it.
+      param_dtype: the dtype the params are stored in. The bias starts at
+        zero (forget gate included), as in Flax and PyTorch; set
+        ``params['input']['b']`` to change it.
+      dtype: the computation dtype, as in :func:`GRUCell`.
 
     Returns:
       A :class:`Cell`. Params ``{'input': {'w': (in, 4 * features), 'b': (4 *
@@ -182,7 +192,8 @@ def LSTMCell(
       the pair ``(c, h)``, each of shape ``(batch, features)``.
 
     Raises:
-      ValueError: for a non-positive ``features``.
+      ValueError: for a non-positive ``features``, or a dtype that is not
+        floating.
 
     Examples:
       >>> import jax, fnn
@@ -191,16 +202,17 @@ def LSTMCell(
       ((3, 16), (4, 16))
     """
     f = features = positive_int("LSTMCell", "features", features)
-    desc = signature("LSTMCell", features=f)
+    param_dtype, dtype = layer_dtypes("LSTMCell", param_dtype, dtype)
+    desc = signature("LSTMCell", features=f, **shown_dtype(dtype))
 
     def init(key, in_features):
         return _gated_params(
-            key, in_features, f, 4, w_init, recurrent_init, False, dtype
+            key, in_features, f, 4, w_init, recurrent_init, False, param_dtype
         )
 
     def step(params, carry, x):
         _check_step_input(desc, params, x)
-        c, h = carry
+        ((c, h), x), params = to_compute(dtype, (carry, x), params)
         b = expand_left(params["input"]["b"], 2)
         g = x @ params["input"]["w"] + b + h @ params["hidden"]["w"]
         i = jax.nn.sigmoid(g[..., :f])
@@ -240,6 +252,20 @@ def _step_mask(desc: str, batch: int, time: int, lengths: Any, mask: Any):
             )
         return mask.astype(jnp.bool_)
     return None
+
+
+def _initial_state(cell: Cell, params: Any, batch: int, x: jax.Array):
+    """Zero carry and last output, in the dtypes one step of ``cell`` returns.
+
+    A cell computing in another dtype than the input's (its ``dtype``, or
+    float32 params promoting a bfloat16 input) returns a carry of that dtype;
+    the scan needs the carry it starts from to have it too.
+    """
+    carry = cell.initial_carry(batch, x.dtype)
+    x_t = jax.ShapeDtypeStruct((batch, x.shape[-1]), x.dtype)
+    new, y = jax.eval_shape(cell.step, params, carry, x_t)
+    carry = jax.tree.map(lambda c, n: c.astype(n.dtype), carry, new)
+    return carry, jnp.zeros((batch, cell.features), y.dtype)
 
 
 def RNN(
@@ -332,8 +358,7 @@ def RNN(
         p = params[cell.name]
         batch, time, _ = x.shape
         valid = _step_mask(desc, batch, time, lengths, mask)
-        carry0 = cell.initial_carry(batch, x.dtype)
-        last0 = jnp.zeros((batch, cell.features), x.dtype)
+        carry0, last0 = _initial_state(cell, p, batch, x)
 
         def body(state, inputs):
             carry, last = state
