@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fnn.model.options import boolean, positive_int
+from fnn.model.place import train_step_scope
 from fnn.training import rules, sharding
 from fnn.training.accumulate import (
     GradSums,
@@ -153,6 +154,22 @@ def _check_train_state(ts: Any, optimizer: optax.GradientTransformation) -> None
             f"optimizer for these params ({problem}); make the state with "
             f"step.init(params, key=...) of the step that updates it."
         )
+
+
+def _called_by_step(loss_fn: LossFn) -> LossFn:
+    """``loss_fn``, called inside :func:`fnn.model.place.train_step_scope`.
+
+    So a layer whose mode follows the key (Dropout, BatchNorm) refuses
+    ``key=None`` without ``train=`` in it: the loss forgot to pass the step's
+    key on. The scope is entered while the step is traced, not when it runs.
+    """
+
+    @functools.wraps(loss_fn)
+    def in_step(*args: Any) -> Any:
+        with train_step_scope():
+            return loss_fn(*args)
+
+    return in_step
 
 
 class TrainStep:
@@ -346,7 +363,9 @@ def make_train_step(
       loss_fn: ``loss_fn(params, batch, key) -> (loss_sum, weight)`` or
         ``(loss_sum, weight, aux)`` with ``aux`` a dict of scalar sums; with
         ``has_state``, ``loss_fn(params, state, batch, key) -> (out,
-        new_state)``.
+        new_state)``. It passes ``key`` on to the network's apply
+        (``key=key``), which turns on dropout and batch statistics; a network
+        it applies in evaluation mode on purpose gets ``train=False``.
       optimizer: any optax ``GradientTransformation``. It is given only here:
         ``step.init(params, key=...)`` makes its state.
       accum_steps: microbatches per step; the batch size must be a multiple
@@ -393,6 +412,9 @@ def make_train_step(
         split into microbatches (naming both sizes), batch leaves with
         different leading sizes, a train state made for another optimizer, or
         a loss that returns the wrong things.
+      ShapeError: at trace time, for a Dropout or BatchNorm that ``loss_fn``
+        applies with neither a key nor ``train=`` (it forgot ``key=key``),
+        naming the layer and its place.
       TypeError: for a ``loss_fn`` whose arguments contradict ``has_state``.
 
     Examples:
@@ -432,6 +454,7 @@ def make_train_step(
             f"optax.adam(1e-3), got {type(optimizer).__name__}."
         )
     _check_loss_arity(loss_fn, has_state)
+    loss_fn = _called_by_step(loss_fn)
     k, axis = options["accum_steps"], options["data_axis"]
     mesh, table = options["placement_mesh"], options["param_rules"]
     if mesh is None:
