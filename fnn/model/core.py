@@ -24,7 +24,18 @@ from typing import Any, NamedTuple, Protocol
 
 import jax
 
-from fnn.model import compare
+from fnn.model.compare import (
+    apply_shape,
+    concrete_shapes,
+    input_spec,
+    key_problem,
+    mismatch,
+    probe_input,
+    shape_tree,
+    shapes_agree,
+    signature_of,
+    tree_diff,
+)
 from fnn.model.place import (  # noqa: F401  (re-exported: fnn.model.core.fail)
     ShapeError,
     applying,
@@ -206,12 +217,12 @@ def init_child(
 
 def _check_claim(child: Layer, params: Params, input_shape: Any, claimed: Any) -> None:
     try:
-        x = compare.probe_input(input_shape)
+        x = probe_input(input_shape)
         with aside():
-            real = compare.shape_tree(jax.eval_shape(child.apply, params, x))
+            real = shape_tree(jax.eval_shape(child.apply, params, x))
     except Exception:  # e.g. a layer that takes integer ids: checked at apply
         return
-    check_output_shape(describe(child), claimed, real, compare.shape_tree(x))
+    check_output_shape(describe(child), claimed, real, shape_tree(x))
 
 
 def check_output_shape(desc: str, claimed: Any, real: Any, input_shape: Any) -> None:
@@ -220,7 +231,7 @@ def check_output_shape(desc: str, claimed: Any, real: Any, input_shape: Any) -> 
     Raises:
       ShapeError: naming ``desc``, its place, the claimed and the real shape.
     """
-    if not compare.shapes_agree(claimed, real):
+    if not shapes_agree(claimed, real):
         fail(
             desc,
             f"init claims the output shape {claimed!r} but apply returns {real!r} "
@@ -282,7 +293,7 @@ def check_key(desc: str, key: Any) -> None:
       (or a raw jax.random.PRNGKey(seed)), got the int 0; pass
       key=jax.random.key(0) to train, or no key for inference.
     """
-    problem = compare.key_problem(key)
+    problem = key_problem(key)
     if problem is not None:
         fail(
             desc,
@@ -369,19 +380,19 @@ def init_aside(
 def _check_params(
     owner: Callable, desc: str, init: InitFn, params: Params, x: Any, cause: Any
 ) -> None:
-    if not compare.concrete_shapes(x):
+    if not concrete_shapes(x):
         return  # symbolic dimensions (jax.export): no init to compare with
-    spec = compare.input_spec(x)
-    sig = (spec, compare.signature_of(params))
+    spec = input_spec(x)
+    sig = (spec, signature_of(params))
     if getattr(owner, "fnn_verified", None) == sig:
         return
     found = init_aside(desc, spec, lambda: init(jax.random.key(0), spec)[1], cause)
     if found is None:
         return  # the error of apply stands
     expected, owners = found
-    diff = compare.tree_diff(expected, params)
+    diff = tree_diff(expected, params)
     if diff:
-        detail = compare.mismatch("params", diff, owners, compare.apply_shape(x))
+        detail = mismatch("params", diff, owners, apply_shape(x))
         fit_error(desc, detail, cause)
     elif cause is None:
         owner.fnn_verified = sig  # type: ignore[attr-defined]

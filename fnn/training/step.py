@@ -29,7 +29,6 @@ from jax.sharding import PartitionSpec as P
 
 from fnn.model.options import boolean, positive_int
 from fnn.model.place import train_step_scope
-from fnn.training import rules, sharding
 from fnn.training.accumulate import (
     GradSums,
     LossFn,
@@ -38,6 +37,16 @@ from fnn.training.accumulate import (
     leading_size,
     safe_divide,
 )
+from fnn.training.rules import check_rules, state_shardings
+from fnn.training.rules import sharding_table as rules_sharding_table
+from fnn.training.sharding import (
+    auto_mesh,
+    data_parallel_sums,
+    init_state,
+    partitioned_sums,
+    shard_batch,
+)
+from fnn.training.sharding import data_axis as mesh_data_axis
 from fnn.training.train_state import TrainState
 
 Metrics = dict[str, jax.Array]
@@ -284,7 +293,7 @@ class TrainStep:
             )
         state = {} if state is None else state
         if self.mesh is not None:
-            return sharding.init_state(
+            return init_state(
                 self.optimizer, self._mesh, self.param_rules, params, key, state
             )
         if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
@@ -301,7 +310,7 @@ class TrainStep:
         state. ``ts`` is a state from :meth:`init`, or the abstract one that
         ``init`` gives for abstract params (nothing allocated).
         """
-        return rules.sharding_table(ts, self.param_rules)
+        return rules_sharding_table(ts, self.param_rules)
 
     def shard(self, batch: Any) -> Any:
         """``batch`` split over the step's mesh (itself without a mesh).
@@ -311,7 +320,7 @@ class TrainStep:
         """
         if self.mesh is None:
             return batch
-        return sharding.shard_batch(
+        return shard_batch(
             "train step", batch, self._mesh, self._axis, stacked=self.steps_per_call > 1
         )
 
@@ -435,13 +444,11 @@ def make_train_step(
         "accum_steps": positive_int(owner, "accum_steps", accum_steps),
         "steps_per_call": positive_int(owner, "steps_per_call", steps_per_call),
         "mesh": mesh,
-        "data_axis": None
-        if mesh is None
-        else sharding.data_axis(owner, mesh, data_axis),
-        "placement_mesh": None if mesh is None else sharding.auto_mesh(mesh),
+        "data_axis": None if mesh is None else mesh_data_axis(owner, mesh, data_axis),
+        "placement_mesh": None if mesh is None else auto_mesh(mesh),
         "param_rules": None
         if param_rules is None
-        else rules.check_rules(owner, param_rules, mesh),
+        else check_rules(owner, param_rules, mesh),
         "donate": boolean(owner, "donate", donate),
         "jit": boolean(owner, "jit", jit),
         "jit_kwargs": jit_kwargs,
@@ -462,9 +469,9 @@ def make_train_step(
             accumulate_gradients, loss_fn, accum_steps=k, has_state=has_state
         )
     elif table is None:
-        sums_fn = sharding.data_parallel_sums(loss_fn, mesh, axis, k, has_state)
+        sums_fn = data_parallel_sums(loss_fn, mesh, axis, k, has_state)
     else:
-        sums_fn = sharding.partitioned_sums(loss_fn, mesh, axis, k, has_state)
+        sums_fn = partitioned_sums(loss_fn, mesh, axis, k, has_state)
 
     def one_step(ts: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         _check_train_state(ts, optimizer)
@@ -472,7 +479,7 @@ def make_train_step(
         if table is None:
             sums = sums_fn(ts.params, ts.state, batch, key)
         else:
-            where = rules.state_shardings("train step", ts, optimizer, mesh, table)
+            where = state_shardings("train step", ts, optimizer, mesh, table)
             ts = jax.lax.with_sharding_constraint(ts, where)
             sums = sums_fn(ts.params, ts.state, batch, key, where.params)
         check_aux_names(sums.aux_sum)
