@@ -3,12 +3,16 @@
 The model estimates ``P(c_t | c_{t-N+1} .. c_{t-1})``: the previous ``N - 1 =
 CONTEXT`` characters are looked up in an embedding table (``fnn.Embed``), their
 vectors are concatenated (``fnn.Flatten``), a ``Dense`` hidden layer with a
-tanh non-linearity mixes them, a ``Dense`` layer maps the result back to the
-embedding's width, and the logits of the next character are its dot products
-with the *same* embedding table (tied input and output embeddings, Press and
-Wolf 2017: one table, whose gradient sums both uses); the loss is the softmax
-cross-entropy of the next character. This is Bengio et al.'s (2003) neural
-probabilistic language model, on characters instead of words.
+tanh non-linearity mixes them, and a ``Dense`` layer gives one logit per
+character of the vocabulary; the loss is the softmax cross-entropy of the next
+character. This is Bengio et al.'s (2003) neural probabilistic language model,
+on characters instead of words.
+
+With ``--tie`` the output layer shares the embedding table instead (tied input
+and output embeddings, Press and Wolf 2017: one table, whose gradient sums both
+uses): a ``Dense`` layer maps the hidden layer back to the embedding's width,
+and the logits of the next character are its dot products with the *same*
+table, plus a bias.
 
 The text ships with Python: the docstrings of some forty standard-library
 modules and of their public functions and classes (``inspect.getdoc``), about
@@ -26,20 +30,22 @@ artifact with a symbolic batch size), reloads it in a fresh Python process that
 knows nothing of the model and draws the same sample there, saves the loss
 curves as a PNG and ends with ``validation perplexity: X.XX``.
 
-Measured on two CPU cores shared with other work (``python
-examples/char_lm.py``): unigram baseline perplexity 26.50, validation
-perplexity 5.73 after 5 epochs (4,825 steps, 77,184 params; 43 s wall, of which
-24 s training, and 35 s of CPU time); the artifact's logits equal the model's
-on all 26,624 validation windows, and the fresh process draws the same 200
-characters. The previous version of this example, with an untied ``Dense``
-output layer and 76,384 params, reached 5.10: on 96 characters tying saves
-little and costs some accuracy; it pays on word vocabularies, where the output
-layer is most of the params.
+Measured on two CPU cores shared with other work: ``python
+examples/char_lm.py`` (untied, 76,384 params) prints a unigram baseline
+perplexity of 26.50 and ``validation perplexity: 5.10`` after 5 epochs (4,825
+steps; 16 s training, 32 s wall, 20 s of CPU time); ``python
+examples/char_lm.py --tie`` (77,184 params) prints ``validation perplexity:
+5.73`` (22 s training, 40 s wall, 23 s of CPU time). On 96 characters tying
+saves no params and costs some accuracy; it pays on word vocabularies, where
+the output layer is most of the params. Either way the artifact's logits equal
+the model's on all 26,624 validation windows, and the fresh process draws the
+same 200 characters.
 
 Usage::
 
     python examples/char_lm.py                    # writes char_lm.png here
     python examples/char_lm.py --quick            # a few seconds, a smoke test
+    python examples/char_lm.py --tie              # tied input and output tables
     python examples/char_lm.py --epochs 10 --out /tmp/plots/
 """
 
@@ -68,7 +74,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 CONTEXT = 8  # N - 1: characters the model sees before the one it predicts
-EMBED = 32  # features per character, in the table and out of the network
+EMBED = 24  # features per character
+TIED_EMBED = 32  # with --tie: the table's width, also the network's output width
 HIDDEN = 256
 CHUNK = 2048  # every tenth chunk of the text is held out for validation
 TEMPERATURE = 0.8
@@ -134,14 +141,22 @@ def tied_embeddings(vocab: int, features: int, body: fnn.Layer) -> fnn.Layer:
     return fnn.make_layer("tied", f"tied_embeddings({vocab}, {features})", init, apply)
 
 
-def make_model(vocab: int) -> fnn.Layer:
-    body = fnn.serial(
-        fnn.Flatten(),  # (batch, CONTEXT, EMBED) -> (batch, CONTEXT * EMBED)
+def make_model(vocab: int, tie: bool = False) -> fnn.Layer:
+    if tie:
+        body = fnn.serial(
+            fnn.Flatten(),  # (batch, CONTEXT, TIED_EMBED) -> (batch, CONTEXT * ...)
+            fnn.Dense(HIDDEN),
+            fnn.Tanh(),
+            fnn.Dense(TIED_EMBED),  # back to the embedding's width
+        )
+        return tied_embeddings(vocab, TIED_EMBED, body)
+    return fnn.serial(
+        fnn.Embed(vocab, EMBED),  # (batch, CONTEXT) -> (batch, CONTEXT, EMBED)
+        fnn.Flatten(),  # -> (batch, CONTEXT * EMBED): the concatenation
         fnn.Dense(HIDDEN),
         fnn.Tanh(),
-        fnn.Dense(EMBED),  # back to the embedding's width
+        fnn.Dense(vocab),  # logits of the next character
     )
-    return tied_embeddings(vocab, EMBED, body)
 
 
 def make_loss(model: fnn.Layer):
@@ -240,6 +255,11 @@ def main(argv=None) -> float:
     parser.add_argument("--epochs", type=int, default=5, help="passes over the text")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
+    parser.add_argument(
+        "--tie",
+        action="store_true",
+        help="share the embedding table with the output layer (default: untied)",
+    )
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
@@ -262,7 +282,7 @@ def main(argv=None) -> float:
     )
     print(f"unigram baseline perplexity: {baseline:.2f}")
 
-    model = make_model(vocab)
+    model = make_model(vocab, tie=args.tie)
     loss_fn = make_loss(model)
     per_epoch = fnn.data.num_batches(len(train["y"]), args.batch_size)
     epochs = 1 if args.quick else args.epochs
@@ -273,14 +293,17 @@ def main(argv=None) -> float:
         jax.random.key(args.seed), 4
     )
     _, params = model.init(init_key, (-1, CONTEXT))
-    # The output bias starts at the unigram log-frequencies: the untrained model
-    # predicts as the baseline does, and training learns what the context adds.
-    counts = np.bincount(train["y"], minlength=vocab) + 1.0
-    params["bias"] = jnp.asarray(np.log(counts / counts.sum()), jnp.float32)
+    if args.tie:
+        # The output bias starts at the unigram log-frequencies: the untrained
+        # model predicts as the baseline does, and training learns what the
+        # context adds.
+        counts = np.bincount(train["y"], minlength=vocab) + 1.0
+        params["bias"] = jnp.asarray(np.log(counts / counts.sum()), jnp.float32)
     step = fnn.make_train_step(loss_fn, optimizer)
     state = step.init(params, key=train_key)
     n_params = sum(p.size for p in jax.tree.leaves(params))
-    print(f"{n_params:,} params; {per_epoch} steps per epoch")
+    tying = "tied input and output embeddings" if args.tie else "untied"
+    print(f"{n_params:,} params ({tying}); {per_epoch} steps per epoch")
 
     start = time.perf_counter()
     state, history = fnn.fit(

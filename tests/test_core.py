@@ -1,4 +1,8 @@
-"""The core: Dense, Embed, reshaping layers, combinators, named, summary, state."""
+"""The core: Dense, Embed, reshaping layers, combinators, named, summary, state;
+no import cycle inside the package."""
+
+import ast
+import pathlib
 
 import chex
 import jax
@@ -513,3 +517,52 @@ def test_dense_refuses_complex_and_integer_inputs(dtype, detail):
     with pytest.raises(fnn.ShapeError) as e:
         jax.jit(net.apply)(params, jnp.ones((2, 3), dtype))
     assert str(e.value).startswith(f"Dense(features=2) at serial[1]: {detail}")
+
+
+def _module_imports(path, name, modules):
+    """The fnn modules ``path`` imports when it is imported (module level).
+
+    ``from pkg import sub`` counts as importing ``pkg`` too, even when
+    ``pkg.sub`` is a module, as cycle checkers read it.
+    """
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found, todo = set(), list(ast.parse(path.read_text()).body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.If | ast.Try):
+            if "TYPE_CHECKING" not in ast.unparse(getattr(node, "test", ast.Pass())):
+                todo += node.body + node.orelse + getattr(node, "finalbody", [])
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(up + ([base] if base else []))
+            found |= {base} | {f"{base}.{a.name}" for a in node.names}
+    return found & set(modules)
+
+
+def test_fnn_has_no_import_cycle():
+    root = pathlib.Path(fnn.__file__).parent
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    edges = {m: _module_imports(p, m, modules) - {m} for m, p in modules.items()}
+    # depth-first search; a module met again while on the path closes a cycle
+    state, cycles = {}, []
+
+    def visit(m, path):
+        state[m] = "open"
+        for n in sorted(edges[m]):
+            if state.get(n) == "open":
+                cycles.append(" -> ".join(path[path.index(n) :] + [n]))
+            elif n not in state:
+                visit(n, path + [n])
+        state[m] = "done"
+
+    for m in sorted(modules):
+        if m not in state:
+            visit(m, [m])
+    assert cycles == [], "import cycles inside fnn:\n" + "\n".join(cycles)

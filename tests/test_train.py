@@ -407,3 +407,48 @@ def test_evaluate_refuses_nan_metrics():
     batches = fnn.data.batches(data, 4, shuffle=False, remainder="pad")
     with pytest.raises(FloatingPointError, match=r"\['loss'.*1 of 2 batches"):
         fnn.evaluate(fnn.make_eval_step(linear_loss), make_params(jnp.float32), batches)
+
+
+def _mode_net(layer):
+    """A tiny network whose mode follows the key, its params, state and batch."""
+    model = fnn.with_state(fnn.serial(fnn.Dense(2), layer))
+    _, params, state = model.init(jax.random.key(0), (-1, 3))
+    return model, params, state, {"x": jnp.arange(12.0).reshape(4, 3)}
+
+
+@pytest.mark.parametrize(
+    ("layer", "name"),
+    [(fnn.Dropout(0.5), "Dropout"), (fnn.BatchNorm(), "BatchNorm")],
+    ids=["dropout", "batchnorm"],
+)
+def test_a_loss_that_forgets_the_key_is_an_error_naming_the_layer(layer, name):
+    model, params, state, batch = _mode_net(layer)
+
+    def make_loss(apply_kwargs):
+        def loss_fn(p, st, b, key):
+            y, st = model.apply(p, st, b["x"], **apply_kwargs(key))
+            return (jnp.sum(y**2), 4.0), st
+
+        return loss_fn
+
+    def run(loss_fn, jit=True):
+        step = fnn.make_train_step(loss_fn, optax.sgd(0.1), has_state=True, jit=jit)
+        return step(step.init(params, key=jax.random.key(1), state=state), batch)
+
+    for jit in (True, False):
+        with pytest.raises(fnn.ShapeError) as err:
+            run(make_loss(lambda key: {}), jit=jit)
+        msg = str(err.value)
+        assert msg.startswith(f"{name}") and "at serial[1]" in msg
+        assert "key=key" in msg and "train=False" in msg
+    ts, _ = run(make_loss(lambda key: {"key": key}))  # the right loss
+    if name == "BatchNorm":  # it trained: the running mean moved
+        assert float(jnp.abs(ts.state["1_batchnorm"]["mean"]).sum()) > 0
+    ts, _ = run(make_loss(lambda key: {"train": False}))  # evaluation on purpose
+    chex.assert_trees_all_equal(ts.state, state)
+    # outside a training step, no key is inference, as before
+    y, _ = model.apply(params, state, batch["x"])
+    sums = fnn.make_eval_step(make_loss(lambda key: {"key": key}), has_state=True)(
+        params, batch, state=state
+    )
+    assert y.shape == (4, 2) and float(sums["weight"]) == 4.0

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fnn.gradcheck import _fd as fd
+from fnn.gradcheck._fd import element_scale
 from fnn.gradcheck._target import Static, Target
 
 
@@ -120,7 +120,7 @@ def prepare(f, args, argnums, mask, names, eps, notes) -> Prepared:
                 f"to the input's shape {x.shape}."
             ) from None
         masked += int(keep.size - keep.sum())
-        scale = fd.element_scale(x.ravel()) if eps is None else np.ones(x.size)
+        scale = element_scale(x.ravel()) if eps is None else np.ones(x.size)
         active = offset + np.flatnonzero(keep)
         leaves.append(Leaf(name, x.shape, offset, x.ravel(), scale, active))
         checked.append(pos)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from fnn.gradcheck import _args as argsmod
-from fnn.gradcheck import _core as core
-from fnn.gradcheck import _fd as fd
+from fnn.gradcheck._args import prepare
+from fnn.gradcheck._core import Config, check_fn, derive, first
+from fnn.gradcheck._fd import DEFAULT_BASE_STEP
 from fnn.gradcheck._report import GradCheckReport, GradientCheckError
 
 DEFAULT_RTOL = 1e-6  # relative tolerance of the float64 comparison
@@ -40,17 +40,17 @@ def run_check(
         raise ValueError(f"argnums {argnums!r} out of range for {len(args)} args.")
     argnums = tuple(a % len(args) for a in argnums)
     names = names or tuple(f"args[{k}]" for k in range(len(args)))
-    cfg = core.Config(
+    cfg = Config(
         modes=modes,
         atol=DEFAULT_ATOL if atol is None else float(atol),
         rtol=DEFAULT_RTOL if rtol is None else float(rtol),
-        base=fd.DEFAULT_BASE_STEP if eps is None else float(eps),
+        base=DEFAULT_BASE_STEP if eps is None else float(eps),
         max_directions=int(max_dirs),
         rng=np.random.default_rng(seed),
     )
     notes: list[str] = []
     with jax.enable_x64(True):
-        prep = argsmod.prepare(f, args, argnums, mask, names, eps, notes)
+        prep = prepare(f, args, argnums, mask, names, eps, notes)
         if not prep.leaves:
             raise ValueError(
                 f"no non-empty floating-point inputs to check among args at argnums "
@@ -59,16 +59,14 @@ def run_check(
         x = np.concatenate([leaf.x for leaf in prep.leaves])
         scale = np.concatenate([leaf.scale for leaf in prep.leaves])
         xs = tuple(jax.device_put(leaf.x.reshape(leaf.shape)) for leaf in prep.leaves)
-        base = core.first(prep.target, xs, prep.rest, notes)
+        base = first(prep.target, xs, prep.rest, notes)
         entries, frontier = [], [base]
         for k in range(1, order + 1):
             if k > 1:
-                frontier = [
-                    g for fn in frontier for g in core.derive(fn, prep.leaves, cfg)
-                ]
+                frontier = [g for fn in frontier for g in derive(fn, prep.leaves, cfg)]
             for fn in frontier:
                 entries.extend(
-                    core.check_fn(fn, prep.leaves, x, scale, prep.rest, cfg, notes)
+                    check_fn(fn, prep.leaves, x, scale, prep.rest, cfg, notes)
                 )
     report = GradCheckReport(tuple(entries), tuple(dict.fromkeys(notes)))
     if not report.passed:

@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from fnn.gradcheck import _fd as fd
+from fnn.gradcheck._fd import central, direction_matrix, extrapolate, shape_of
 from fnn.gradcheck._report import GradCheckEntry
 
 SAFETY = 4.0  # multiples of the finite-difference error estimate allowed
@@ -131,13 +131,13 @@ def _compare(dirs, values, tangents, grads, ctx: Shared) -> dict[str, Worst]:
     n = len(dirs)
     rows = np.arange(n)
     is_elem = np.array([d.kind == "element" for d in dirs], dtype=bool)
-    diffs = fd.central(values, ctx.ts)
+    diffs = central(values, ctx.ts)
     fabs = np.abs(ctx.y0)
     found = {}
     if tangents is not None:
-        numeric, err = fd.extrapolate(diffs, ctx.ts, fabs[None])
+        numeric, err = extrapolate(diffs, ctx.ts, fabs[None])
         w = found["fwd"] = Worst(ctx.atol, ctx.rtol)
-        shape = fd.shape_of(values, ctx.y0, ctx.ts)
+        shape = shape_of(values, ctx.y0, ctx.ts)
         w.add(rows, is_elem, tangents, numeric, err, *shape)
     if grads is not None:
         # The rounding floor counts the outputs a direction changes, so a tiny
@@ -150,10 +150,10 @@ def _compare(dirs, values, tangents, grads, ctx: Shared) -> dict[str, Worst]:
         moved = np.any(diffs != 0, axis=0)
         moved = moved | ~np.any(moved, axis=1, keepdims=True)
         changed = moved * fabs[None]
-        numeric, err = fd.extrapolate(diffs @ cots, ctx.ts, changed @ np.abs(cots))
-        analytic = fd.direction_matrix(dirs, ctx.scale, n) @ grads.T
+        numeric, err = extrapolate(diffs @ cots, ctx.ts, changed @ np.abs(cots))
+        analytic = direction_matrix(dirs, ctx.scale, n) @ grads.T
         w = found["rev"] = Worst(ctx.atol, ctx.rtol)
-        shape = fd.shape_of(values, ctx.y0, ctx.ts, cots)
+        shape = shape_of(values, ctx.y0, ctx.ts, cots)
         w.add(rows, is_elem, analytic, numeric, err, *shape)
     return found
 

@@ -9,11 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fnn.gradcheck import _fd as fd
-from fnn.gradcheck import _program as prog
-from fnn.gradcheck import _target as tgt
 from fnn.gradcheck._compare import Shared, compare_leaf, entry
-from fnn.gradcheck._target import Target
+from fnn.gradcheck._fd import Direction, direction_matrix, rows_per_call
+from fnn.gradcheck._fd import directions as leaf_directions
+from fnn.gradcheck._fd import steps as step_levels
+from fnn.gradcheck._program import Plan, is_custom_vjp_jvp, is_untraceable
+from fnn.gradcheck._program import run as run_program
+from fnn.gradcheck._program import trace as trace_program
+from fnn.gradcheck._target import Target, output_layout
+from fnn.gradcheck._target import call as call_target
 
 NUM_RANDOM = 2  # dense Gaussian directions per leaf, on top of element/block ones
 NUM_COTANGENTS = 2  # random output cotangents in reverse mode
@@ -115,9 +119,9 @@ def first(target: Target, xs, rest, notes) -> Fn:
     """
     eager = False
     try:
-        out_info, jaxpr = prog.trace(target, xs, rest)
+        out_info, jaxpr = trace_program(target, xs, rest)
     except Exception as e:
-        if not prog.is_untraceable(e):
+        if not is_untraceable(e):
             e.add_note("Raised when fnn.check_grads traced f in float64.")
             raise
         eager, jaxpr = True, None
@@ -127,14 +131,14 @@ def first(target: Target, xs, rest, notes) -> Fn:
             f"slower."
         )
         try:
-            out = tgt.call(target, xs, rest)
+            out = call_target(target, xs, rest)
         except Exception as e2:
             e2.add_note("Raised when fnn.check_grads called f in float64.")
             raise
         out_info = jax.tree.map(
             lambda y: jax.ShapeDtypeStruct(jnp.shape(y), jnp.result_type(y)), out
         )
-    layout, outputs = tgt.output_layout(target, out_info)
+    layout, outputs = output_layout(target, out_info)
     ops = set()
     with contextlib.suppress(Exception):  # a diagnostic and a hint only
         ops = operations(jaxpr) if jaxpr is not None else ops
@@ -189,22 +193,22 @@ def _evaluate(fn: Fn, plan, x, rest, mat, ts, cots, notes):
     Returns the program's outputs as numpy arrays, and the plan that ran.
     """
     try:
-        out = prog.run(fn.target, plan, x, rest, fn.vecs, mat, ts, cots)
+        out = run_program(fn.target, plan, x, rest, fn.vecs, mat, ts, cots)
     except Exception as e:
-        if plan.fwd and prog.is_custom_vjp_jvp(e):
+        if plan.fwd and is_custom_vjp_jvp(e):
             notes.append(
                 f"{fn.label} uses jax.custom_vjp, which has no forward mode; "
                 f"checked it in reverse mode only."
             )
             plan = dataclasses.replace(plan, fwd=False)
-        elif not plan.eager and prog.is_untraceable(e):
+        elif not plan.eager and is_untraceable(e):
             notes.append(
                 f"{fn.label} could not be traced ({type(e).__name__}: Python "
                 f"control flow on values?); evaluated it without jit and vmap, "
                 f"point by point, which is slower."
             )
             plan = dataclasses.replace(plan, eager=True)
-        elif plan.eager and prog.is_untraceable(e):
+        elif plan.eager and is_untraceable(e):
             e.add_note(
                 f"Raised when fnn.check_grads evaluated {fn.label} in float64 "
                 f"without jit or vmap: JAX's autodiff still traces f, so f must not "
@@ -237,7 +241,7 @@ class _Runner:
         parts = []
         for start in range(0, max(len(dirs), 1), self.rows):
             chunk = dirs[start : start + self.rows]
-            mat = jax.device_put(fd.direction_matrix(chunk, self.scale, self.rows))
+            mat = jax.device_put(direction_matrix(chunk, self.scale, self.rows))
             out, self.plan = _evaluate(
                 self.fn,
                 self.plan,
@@ -262,7 +266,7 @@ def check_fn(fn: Fn, leaves, x, scale, rest, cfg: Config, notes) -> list:
     cots = cfg.rng.standard_normal((NUM_COTANGENTS, fn.size))
     dirs, owner = [], []
     for k, leaf in enumerate(leaves):
-        new = fd.directions(leaf.active, cfg.max_directions, NUM_RANDOM, cfg.rng)
+        new = leaf_directions(leaf.active, cfg.max_directions, NUM_RANDOM, cfg.rng)
         dirs.extend(new)
         owner.extend([k] * len(new))
     if not dirs:
@@ -270,12 +274,12 @@ def check_fn(fn: Fn, leaves, x, scale, rest, cfg: Config, notes) -> list:
             "no input elements to check: the mask leaves every element out."
         )
     owner = np.array(owner, dtype=int)
-    rows = fd.rows_per_call(x.size, fn.size, len(dirs))
+    rows = rows_per_call(x.size, fn.size, len(dirs))
     shapes = tuple(leaf.shape for leaf in leaves)
     want_fwd = "fwd" in cfg.modes and fn.fwd_ok
     rev = "rev" in cfg.modes
-    plan = prog.Plan(want_fwd, rev, shapes, fn.batch, fn.optimize, fn.eager)
-    ts = fd.steps(cfg.base)
+    plan = Plan(want_fwd, rev, shapes, fn.batch, fn.optimize, fn.eager)
+    ts = step_levels(cfg.base)
     run = _Runner(fn, plan, rows, x, scale, rest, ts, cots, notes)
     y0, grads, values, tangents = run(dirs)
     fn.fwd_ok, fn.eager = fn.fwd_ok and run.plan.fwd, run.plan.eager
@@ -319,7 +323,7 @@ def _localize(fn, leaf, mode, w, dirs, run, ctx):
     if worst_block is None or not w.row_ratio[worst_block] > 1:
         return None
     block = dirs[worst_block]
-    elems = [fd.Direction("element", np.array([j]), np.ones(1)) for j in block.indices]
+    elems = [Direction("element", np.array([j]), np.ones(1)) for j in block.indices]
     _, grads, values, tangents = run(elems)
     found = compare_leaf(
         elems,

@@ -13,7 +13,7 @@ import numpy as np
 from fnn.gradcheck._check import DEFAULT_MAX_DIRECTIONS, run_check
 from fnn.gradcheck._report import GradCheckReport
 from fnn.gradcheck._target import Static
-from fnn.model import compare
+from fnn.model.compare import shape_tree
 from fnn.model.core import check_output_shape, describe
 
 LAYER_BATCH = 2  # what a leading -1 batch dimension becomes in check_layer
@@ -139,7 +139,7 @@ def check_layer(
     loss = _Projected(apply, len(made) == 3, Static(kwargs))
     out = _output_shape.trace(loss, params, x, state).out_info
     desc = describe(getattr(init, "fnn_layer", layer))
-    check_output_shape(desc, made[0], compare.shape_tree(out), compare.shape_tree(x))
+    check_output_shape(desc, made[0], shape_tree(out), shape_tree(x))
     proj = tuple(rng.standard_normal(o.shape) for o in jax.tree.leaves(out))
     return run_check(
         loss,

@@ -24,7 +24,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from fnn.gradcheck import _target as tgt
+from fnn.gradcheck._target import call as call_target
+from fnn.gradcheck._target import flat as flat_target
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +92,7 @@ def program(target, plan, x, rest, vecs, dirs, ts, cots):
     """
 
     def fn(v):
-        return tgt.flat(target, plan.unflatten(v), rest, vecs)
+        return flat_target(target, plan.unflatten(v), rest, vecs)
 
     if plan.rev:
         y0, pull = jax.vjp(fn, x)
@@ -125,7 +126,7 @@ _compiled = jax.jit(
     compiler_options={"xla_backend_optimization_level": 0},
 )
 _optimized = jax.jit(program, static_argnums=(0, 1))
-_traced_call = jax.jit(tgt.call, static_argnums=0)
+_traced_call = jax.jit(call_target, static_argnums=0)
 
 
 def run(target, plan, x, rest, vecs, dirs, ts, cots):

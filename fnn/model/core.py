@@ -24,7 +24,18 @@ from typing import Any, NamedTuple, Protocol
 
 import jax
 
-from fnn.model import compare
+from fnn.model.compare import (
+    apply_shape,
+    concrete_shapes,
+    input_spec,
+    key_problem,
+    mismatch,
+    probe_input,
+    shape_tree,
+    shapes_agree,
+    signature_of,
+    tree_diff,
+)
 from fnn.model.place import (  # noqa: F401  (re-exported: fnn.model.core.fail)
     ShapeError,
     applying,
@@ -33,6 +44,7 @@ from fnn.model.place import (  # noqa: F401  (re-exported: fnn.model.core.fail)
     current_keys,
     current_place,
     fail,
+    in_train_step,
     is_applying,
     recorder,
     recording,
@@ -205,12 +217,12 @@ def init_child(
 
 def _check_claim(child: Layer, params: Params, input_shape: Any, claimed: Any) -> None:
     try:
-        x = compare.probe_input(input_shape)
+        x = probe_input(input_shape)
         with aside():
-            real = compare.shape_tree(jax.eval_shape(child.apply, params, x))
+            real = shape_tree(jax.eval_shape(child.apply, params, x))
     except Exception:  # e.g. a layer that takes integer ids: checked at apply
         return
-    check_output_shape(describe(child), claimed, real, compare.shape_tree(x))
+    check_output_shape(describe(child), claimed, real, shape_tree(x))
 
 
 def check_output_shape(desc: str, claimed: Any, real: Any, input_shape: Any) -> None:
@@ -219,7 +231,7 @@ def check_output_shape(desc: str, claimed: Any, real: Any, input_shape: Any) -> 
     Raises:
       ShapeError: naming ``desc``, its place, the claimed and the real shape.
     """
-    if not compare.shapes_agree(claimed, real):
+    if not shapes_agree(claimed, real):
         fail(
             desc,
             f"init claims the output shape {claimed!r} but apply returns {real!r} "
@@ -281,7 +293,7 @@ def check_key(desc: str, key: Any) -> None:
       (or a raw jax.random.PRNGKey(seed)), got the int 0; pass
       key=jax.random.key(0) to train, or no key for inference.
     """
-    problem = compare.key_problem(key)
+    problem = key_problem(key)
     if problem is not None:
         fail(
             desc,
@@ -368,19 +380,19 @@ def init_aside(
 def _check_params(
     owner: Callable, desc: str, init: InitFn, params: Params, x: Any, cause: Any
 ) -> None:
-    if not compare.concrete_shapes(x):
+    if not concrete_shapes(x):
         return  # symbolic dimensions (jax.export): no init to compare with
-    spec = compare.input_spec(x)
-    sig = (spec, compare.signature_of(params))
+    spec = input_spec(x)
+    sig = (spec, signature_of(params))
     if getattr(owner, "fnn_verified", None) == sig:
         return
     found = init_aside(desc, spec, lambda: init(jax.random.key(0), spec)[1], cause)
     if found is None:
         return  # the error of apply stands
     expected, owners = found
-    diff = compare.tree_diff(expected, params)
+    diff = tree_diff(expected, params)
     if diff:
-        detail = compare.mismatch("params", diff, owners, compare.apply_shape(x))
+        detail = mismatch("params", diff, owners, apply_shape(x))
         fit_error(desc, detail, cause)
     elif cause is None:
         owner.fnn_verified = sig  # type: ignore[attr-defined]
@@ -389,12 +401,30 @@ def _check_params(
 # --- the train/eval switch ------------------------------------------------------
 
 
-def is_training(key: jax.Array | None, train: bool | None) -> bool:
+def is_training(
+    key: jax.Array | None, train: bool | None, desc: str = "a layer"
+) -> bool:
     """The train/eval switch shared by Dropout and BatchNorm.
 
     ``train`` (an apply keyword) decides when given; otherwise a layer trains
     when it is given a ``key``. So passing a key turns on training behaviour
     everywhere in a network, and ``train=False`` turns it off.
+
+    Inside the loss function of a training step (:func:`fnn.make_train_step`)
+    neither a key nor ``train=`` is an error: the loss forgot to pass the
+    step's key on, and the layer would silently train in evaluation mode.
+
+    Args:
+      key: the ``key`` apply was given.
+      train: the ``train`` apply was given (``None`` when not given).
+      desc: the layer, as errors print it (``'Dropout(0.5)'``).
+
+    Returns:
+      Whether the layer trains.
+
+    Raises:
+      ShapeError: inside a training step's loss function, for ``key=None``
+        without ``train=``, naming ``desc``, its place and the fix.
 
     Examples:
       >>> import jax
@@ -404,4 +434,14 @@ def is_training(key: jax.Array | None, train: bool | None) -> bool:
       >>> is_training(jax.random.key(0), False)
       False
     """
-    return key is not None if train is None else bool(train)
+    if train is not None:
+        return bool(train)
+    if key is None and in_train_step():
+        fail(
+            desc,
+            "applied with key=None and no train= inside the loss function of a "
+            "training step (fnn.make_train_step), so it would train in "
+            "evaluation mode; pass key=key to apply in your loss function, or "
+            "train=False to apply it in evaluation mode on purpose.",
+        )
+    return key is not None

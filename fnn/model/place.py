@@ -55,6 +55,12 @@ _APPLYING: contextvars.ContextVar[bool] = contextvars.ContextVar(
 state_frame: contextvars.ContextVar[Any] = contextvars.ContextVar(
     "fnn_state", default=None
 )
+# True while a training step (fnn.make_train_step) traces the user's loss
+# function: a layer whose mode follows the key then refuses key=None unless
+# train= names the mode (fnn.model.core.is_training).
+_TRAIN_STEP: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "fnn_train_step", default=False
+)
 
 
 def is_applying() -> bool:
@@ -72,6 +78,25 @@ def applying() -> Iterator[None]:
         _APPLYING.reset(token)
 
 
+def in_train_step() -> bool:
+    """Whether a training step is tracing (or running) its loss function."""
+    return _TRAIN_STEP.get()
+
+
+@contextlib.contextmanager
+def train_step_scope() -> Iterator[None]:
+    """Marks the user's loss function as called by a training step.
+
+    The step enters it around each call of the loss, which happens while
+    ``jit`` traces the step: it costs nothing when the compiled step runs.
+    """
+    token = _TRAIN_STEP.set(True)
+    try:
+        yield
+    finally:
+        _TRAIN_STEP.reset(token)
+
+
 def recorder() -> list | None:
     """The list :func:`recording` collects into, or ``None`` outside it."""
     return _RECORD.get()
@@ -79,15 +104,22 @@ def recorder() -> list | None:
 
 @contextlib.contextmanager
 def aside(*, applying: bool = True) -> Iterator[None]:
-    """Runs a side trace for a check: no state frame, no recording for summary.
+    """Runs a side trace for a check: no state frame, no recording for summary,
+    not part of a training step.
 
     With ``applying``, layers applied inside skip their own params check (the
     caller checks what it needs).
     """
-    tokens = (state_frame.set(None), _RECORD.set(None), _APPLYING.set(applying))
+    tokens = (
+        state_frame.set(None),
+        _RECORD.set(None),
+        _APPLYING.set(applying),
+        _TRAIN_STEP.set(False),
+    )
     try:
         yield
     finally:
+        _TRAIN_STEP.reset(tokens[3])
         _APPLYING.reset(tokens[2])
         _RECORD.reset(tokens[1])
         state_frame.reset(tokens[0])

@@ -26,7 +26,14 @@ from typing import Any, NamedTuple
 
 import jax
 
-from fnn.model import compare
+from fnn.model.compare import (
+    apply_shape,
+    concrete_shapes,
+    input_spec,
+    mismatch,
+    signature_of,
+    tree_diff,
+)
 from fnn.model.core import (
     Layer,
     check_key,
@@ -215,10 +222,10 @@ def with_state(layer: Layer) -> StatefulModel:
 def _check_fit(owner, desc: str, init, params, state, x, cause) -> None:
     """Fails unless params and state fit what ``init`` makes for ``x``'s shape."""
     state = {} if state is None else state  # run_apply takes None for no state
-    if not compare.concrete_shapes(x):
+    if not concrete_shapes(x):
         return  # symbolic dimensions (jax.export): no init to compare with
-    spec = compare.input_spec(x)
-    sig = (spec, compare.signature_of(params, state))
+    spec = input_spec(x)
+    sig = (spec, signature_of(params, state))
     if getattr(owner, "fnn_verified", None) == sig:
         return
 
@@ -230,17 +237,17 @@ def _check_fit(owner, desc: str, init, params, state, x, cause) -> None:
     if found is None:
         return  # the error of apply stands
     (want_params, want_state), owners = found
-    p_diff = compare.tree_diff(want_params, params)
-    s_diff = compare.tree_diff(want_state, state)
-    shape = compare.apply_shape(x)
+    p_diff = tree_diff(want_params, params)
+    s_diff = tree_diff(want_state, state)
+    shape = apply_shape(x)
     if (p_diff or s_diff) and not (
-        compare.tree_diff(want_params, state) or compare.tree_diff(want_state, params)
+        tree_diff(want_params, state) or tree_diff(want_state, params)
     ):
         detail = "params and state are swapped; call apply(params, state, x)."
         fit_error(desc, detail, cause)
     elif p_diff:
-        fit_error(desc, compare.mismatch("params", p_diff, owners, shape), cause)
+        fit_error(desc, mismatch("params", p_diff, owners, shape), cause)
     elif s_diff:
-        fit_error(desc, compare.mismatch("state", s_diff, owners, shape), cause)
+        fit_error(desc, mismatch("state", s_diff, owners, shape), cause)
     elif cause is None:
         owner.fnn_verified = sig  # type: ignore[attr-defined]

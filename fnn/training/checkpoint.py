@@ -12,6 +12,10 @@ under ``directory/<step>/``. It is a thin layer over
 * only complete checkpoints are listed (see :mod:`fnn.training.checkpoint_files`),
   and ``max_to_keep`` clean-up renames before it deletes, so a crash at any
   moment leaves nothing half deleted that could be chosen;
+* Ctrl-C while a save is being finished waits for that save (which Orbax
+  completes in a thread of its own), removes the steps beyond ``max_to_keep``
+  and then raises the ``KeyboardInterrupt``, without Orbax's report of a
+  failed save, which it is not;
 * typed PRNG keys (``jax.random.key``) are stored as their raw ``key_data`` and
   rewrapped on restore;
 * restore takes a target (the whole tree, or with ``path``, ``mapping`` and
@@ -22,8 +26,11 @@ Nothing is pickled: arrays go to Orbax's tensorstore format, metadata to JSON.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -42,6 +49,31 @@ from fnn.training.loading import (
 )
 
 __all__ = ["Checkpointer", "CorruptCheckpointError"]
+
+
+class _NotAFailedSave(logging.Filter):
+    """Drops the records that log a ``KeyboardInterrupt`` as an error.
+
+    Orbax's ``wait_until_finished`` logs any exception raised while it waits
+    for its finalize thread as ``Save Finalize thread (...) failed`` with a
+    traceback. Ctrl-C lands there in the main thread, while the finalize
+    thread goes on and completes the save: the report is false.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = record.exc_info[0] if record.exc_info else None
+        return not (kind is not None and issubclass(kind, KeyboardInterrupt))
+
+
+@contextlib.contextmanager
+def _interrupts_not_logged_as_failures() -> Iterator[None]:
+    """Orbax logs through absl, whose records go to the ``absl`` logger."""
+    logger, quiet = logging.getLogger("absl"), _NotAFailedSave()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 class Checkpointer:
@@ -110,6 +142,8 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._async = async_save
+        self._in_flight = False  # a save whose finalize thread may still run
         self._main = jax.process_index() == 0
         if self._main:
             files.remove_leftovers(self.directory)
@@ -155,7 +189,7 @@ class Checkpointer:
                 f"numbers, bool, None): {e}."
             ) from None
         step = int(step)
-        self._manager.wait_until_finished()
+        self._finish_saves()
         self._clean_up()
         if step in self.all_steps():
             raise ValueError(
@@ -174,6 +208,7 @@ class Checkpointer:
             ),
             force=True,
         )
+        self._in_flight = self._async
 
     def latest_step(self) -> int | None:
         """The step of the most recent complete checkpoint, or ``None``."""
@@ -186,11 +221,11 @@ class Checkpointer:
         Waits for pending saves first. A checkpoint whose directory lacks a
         part (a clean-up or a copy interrupted) is not listed.
         """
-        self._manager.wait_until_finished()
+        self._finish_saves()
         return files.complete_steps(self.directory)
 
     def _step(self, step: int | None, caller: str) -> int:
-        self._manager.wait_until_finished()
+        self._finish_saves()
         steps = self.all_steps()
         if step is None:
             if not steps:
@@ -366,7 +401,7 @@ class Checkpointer:
         It is then no longer listed, and its step can be saved again; its
         files are kept for inspection. Returns the new path.
         """
-        self._manager.wait_until_finished()
+        self._finish_saves()
         new = files.set_aside(self.directory, step) if self._main else ""
         self._manager.reload()
         return new
@@ -377,9 +412,35 @@ class Checkpointer:
         if self._main and files.clean_up(self.directory, self.max_to_keep):
             self._manager.reload()
 
+    def _finish_saves(self) -> None:
+        """Waits for the pending save; Ctrl-C meanwhile still completes it.
+
+        Orbax finishes a save (the rename that makes its step directory
+        complete) in a thread of its own, which a ``KeyboardInterrupt`` in
+        the main thread does not stop; an interrupted ``Thread.join`` may
+        even report that thread finished while it runs on. So on Ctrl-C this
+        polls Orbax until the save is no longer in progress (a second Ctrl-C
+        stops the wait; the next save, wait or close then cleans up), reloads
+        the steps from the directory, removes those beyond ``max_to_keep``
+        and raises the ``KeyboardInterrupt``. The save is then complete or
+        absent, never listed half written.
+        """
+        try:
+            with _interrupts_not_logged_as_failures():
+                self._manager.wait_until_finished()
+        except KeyboardInterrupt:
+            if self._in_flight:  # its finalize thread clears the flag at its end
+                while self._manager.is_saving_in_progress():
+                    time.sleep(0.005)
+            self._in_flight = False
+            self._manager.reload()
+            self._clean_up()
+            raise
+        self._in_flight = False
+
     def wait(self) -> None:
         """Blocks until every pending save is complete on disk."""
-        self._manager.wait_until_finished()
+        self._finish_saves()
         self._clean_up()
 
     def close(self) -> None:

@@ -31,9 +31,11 @@ import optax
 from tqdm.auto import tqdm
 
 from fnn.model.options import boolean, choice, positive_int
-from fnn.training import data
 from fnn.training.accumulate import leading_size
 from fnn.training.callbacks import Run
+from fnn.training.data import batches as data_batches
+from fnn.training.data import num_batches, stack
+from fnn.training.data import stream as data_stream
 from fnn.training.evaluate import evaluate
 from fnn.training.history import HistoryFile, MetricLog, NonFiniteLossError
 from fnn.training.loss_scale import all_finite
@@ -44,7 +46,7 @@ class _Plan:
     """The schedule: total steps, steps per epoch and the report grid."""
 
     def __init__(self, n, batch_size, remainder, epochs, steps, grid, k):
-        self.per_epoch = data.num_batches(n, batch_size, remainder)
+        self.per_epoch = num_batches(n, batch_size, remainder)
         if self.per_epoch == 0:
             raise ValueError(
                 f"fit: {n} examples give no batch of {batch_size} with "
@@ -72,7 +74,7 @@ def _calls(plan: _Plan, stream: Iterator, done: int, put: Callable) -> Iterator:
     while done < plan.total:
         k = plan.call_size(done)
         group = list(islice(stream, k))
-        batch = next(data.stack(group, k)) if k > 1 else group[0]
+        batch = next(stack(group, k)) if k > 1 else group[0]
         ahead.append((k, put(batch)))
         if len(ahead) > 1:
             yield ahead.pop(0)
@@ -293,7 +295,7 @@ def fit(
         )
     n = leading_size(train_data, "train_data")
     _check_batch_sizes(train_step, n, batch_size, remainder)
-    log_every = log_every or data.num_batches(n, batch_size, remainder)
+    log_every = log_every or num_batches(n, batch_size, remainder)
     grid = [log_every, eval_every if eval_step is not None else None]
     grid.append(checkpoint_every if checkpoint_dir is not None else None)
     plan = _Plan(n, batch_size, remainder, epochs, steps, grid, k)
@@ -331,7 +333,7 @@ def _check_batch_sizes(train_step: Any, n: int, batch_size: int, remainder: str)
 
 
 def _eval_batches(eval_data: Any, size: int) -> Iterator:
-    return data.batches(eval_data, size, shuffle=False, remainder="pad")
+    return data_batches(eval_data, size, shuffle=False, remainder="pad")
 
 
 def _loop(train_step, ts, train_data, plan, saver, callbacks, **o) -> tuple:
@@ -362,7 +364,7 @@ def _loop(train_step, ts, train_data, plan, saver, callbacks, **o) -> tuple:
     put = getattr(train_step, "shard", None) if mesh is not None else None
     if put is None:
         put = (lambda b: b) if jax.default_backend() == "cpu" else jax.device_put
-    stream = data.stream(
+    stream = data_stream(
         train_data, o["batch_size"], key=o["key"], shuffle=o["shuffle"],
         remainder=o["remainder"], start=done,
     )  # fmt: skip
@@ -438,7 +440,7 @@ def _point_to_batch(err: NonFiniteLossError, train_data, position: int, o) -> No
     batches while it runs.
     """
     err.batch = next(
-        data.stream(
+        data_stream(
             train_data, o["batch_size"], key=o["key"], shuffle=o["shuffle"],
             remainder=o["remainder"], start=position,
         )

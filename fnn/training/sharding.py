@@ -27,8 +27,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fnn.training import rules
 from fnn.training.accumulate import GradSums, LossFn, accumulate_gradients, leading_size
+from fnn.training.rules import state_shardings
 from fnn.training.train_state import TrainState
 
 
@@ -122,7 +122,7 @@ def init_state(
         return TrainState(count, params, optimizer.init(params), state, key)
 
     shapes = jax.eval_shape(new_state, params, key, state)
-    where = rules.state_shardings("step.init", shapes, optimizer, mesh, table)
+    where = state_shardings("step.init", shapes, optimizer, mesh, table)
     make = jax.jit(
         lambda *args: jax.lax.with_sharding_constraint(new_state(*args), where)
     )

@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fnn.model.options import boolean, positive_int
-from fnn.training import rules, sharding
+from fnn.model.place import train_step_scope
 from fnn.training.accumulate import (
     LossFn,
     accumulate_gradients,
@@ -35,6 +35,16 @@ from fnn.training.accumulate import (
     leading_size,
 )
 from fnn.training.loss_scale import loss_scale_options, scaled_optimizer
+from fnn.training.rules import check_rules, state_shardings
+from fnn.training.rules import sharding_table as rules_sharding_table
+from fnn.training.sharding import (
+    auto_mesh,
+    data_parallel_sums,
+    init_state,
+    partitioned_sums,
+    shard_batch,
+)
+from fnn.training.sharding import data_axis as mesh_data_axis
 from fnn.training.train_state import TrainState
 from fnn.training.update import (
     Metrics,
@@ -42,6 +52,22 @@ from fnn.training.update import (
     check_loss_arity,
     check_train_state,
 )
+
+
+def _called_by_step(loss_fn: LossFn) -> LossFn:
+    """``loss_fn``, called inside :func:`fnn.model.place.train_step_scope`.
+
+    So a layer whose mode follows the key (Dropout, BatchNorm) refuses
+    ``key=None`` without ``train=`` in it: the loss forgot to pass the step's
+    key on. The scope is entered while the step is traced, not when it runs.
+    """
+
+    @functools.wraps(loss_fn)
+    def in_step(*args: Any) -> Any:
+        with train_step_scope():
+            return loss_fn(*args)
+
+    return in_step
 
 
 class TrainStep:
@@ -156,7 +182,7 @@ class TrainStep:
             )
         state = {} if state is None else state
         if self.mesh is not None:
-            return sharding.init_state(
+            return init_state(
                 self.optimizer, self._mesh, self.param_rules, params, key, state
             )
         if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
@@ -173,7 +199,7 @@ class TrainStep:
         state. ``ts`` is a state from :meth:`init`, or the abstract one that
         ``init`` gives for abstract params (nothing allocated).
         """
-        return rules.sharding_table(ts, self.param_rules)
+        return rules_sharding_table(ts, self.param_rules)
 
     def shard(self, batch: Any) -> Any:
         """``batch`` split over the step's mesh (itself without a mesh).
@@ -183,7 +209,7 @@ class TrainStep:
         """
         if self.mesh is None:
             return batch
-        return sharding.shard_batch(
+        return shard_batch(
             "train step", batch, self._mesh, self._axis, stacked=self.steps_per_call > 1
         )
 
@@ -236,7 +262,9 @@ def make_train_step(
       loss_fn: ``loss_fn(params, batch, key) -> (loss_sum, weight)`` or
         ``(loss_sum, weight, aux)`` with ``aux`` a dict of scalar sums; with
         ``has_state``, ``loss_fn(params, state, batch, key) -> (out,
-        new_state)``.
+        new_state)``. It passes ``key`` on to the network's apply
+        (``key=key``), which turns on dropout and batch statistics; a network
+        it applies in evaluation mode on purpose gets ``train=False``.
       optimizer: any optax ``GradientTransformation``. It is given only here:
         ``step.init(params, key=...)`` makes its state.
       accum_steps: microbatches per step; the batch size must be a multiple
@@ -296,6 +324,9 @@ def make_train_step(
         split into microbatches (naming both sizes), batch leaves with
         different leading sizes, a train state made for another optimizer, or
         a loss that returns the wrong things.
+      ShapeError: at trace time, for a Dropout or BatchNorm that ``loss_fn``
+        applies with neither a key nor ``train=`` (it forgot ``key=key``),
+        naming the layer and its place.
       TypeError: for a ``loss_fn`` whose arguments contradict ``has_state``.
 
     Examples:
@@ -324,13 +355,11 @@ def make_train_step(
         "accum_steps": positive_int(owner, "accum_steps", accum_steps),
         "steps_per_call": positive_int(owner, "steps_per_call", steps_per_call),
         "mesh": mesh,
-        "data_axis": None
-        if mesh is None
-        else sharding.data_axis(owner, mesh, data_axis),
-        "placement_mesh": None if mesh is None else sharding.auto_mesh(mesh),
+        "data_axis": None if mesh is None else mesh_data_axis(owner, mesh, data_axis),
+        "placement_mesh": None if mesh is None else auto_mesh(mesh),
         "param_rules": None
         if param_rules is None
-        else rules.check_rules(owner, param_rules, mesh),
+        else check_rules(owner, param_rules, mesh),
         "donate": boolean(owner, "donate", donate),
         "jit": boolean(owner, "jit", jit),
         "jit_kwargs": jit_kwargs,
@@ -338,6 +367,7 @@ def make_train_step(
     boolean(owner, "has_state", has_state)
     boolean(owner, "grad_norm", grad_norm)
     check_loss_arity(loss_fn, has_state)
+    loss_fn = _called_by_step(loss_fn)
     k, axis = options["accum_steps"], options["data_axis"]
     mesh, table = options["placement_mesh"], options["param_rules"]
     if mesh is None:
@@ -345,9 +375,9 @@ def make_train_step(
             accumulate_gradients, loss_fn, accum_steps=k, has_state=has_state
         )
     elif table is None:
-        sums_fn = sharding.data_parallel_sums(loss_fn, mesh, axis, k, has_state)
+        sums_fn = data_parallel_sums(loss_fn, mesh, axis, k, has_state)
     else:
-        sums_fn = sharding.partitioned_sums(loss_fn, mesh, axis, k, has_state)
+        sums_fn = partitioned_sums(loss_fn, mesh, axis, k, has_state)
 
     def one_step(ts: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         check_train_state(ts, optimizer)
@@ -356,7 +386,7 @@ def make_train_step(
         if table is None:
             sums = sums_fn(ts.params, ts.state, batch, key, loss_scale=scale)
         else:
-            where = rules.state_shardings("train step", ts, optimizer, mesh, table)
+            where = state_shardings("train step", ts, optimizer, mesh, table)
             ts = jax.lax.with_sharding_constraint(ts, where)
             sums = sums_fn(
                 ts.params, ts.state, batch, key, where.params, loss_scale=scale

@@ -28,7 +28,6 @@ import safetensors.numpy
 
 from fnn.model.options import choice
 from fnn.model.state import StatefulModel
-from fnn.training import torch_layout
 from fnn.training.loading import (
     Leaf,
     Rule,
@@ -41,6 +40,7 @@ from fnn.training.loading import (
     paths_and_leaves,
     rename,
 )
+from fnn.training.torch_layout import convert
 
 __all__ = ["export", "load_params", "save_params"]
 
@@ -227,9 +227,7 @@ def _load_torch(path, tensors, target, mapping, exclude) -> Any:
     pair = isinstance(target, tuple) and len(target) == 2
     params_target = target[0] if pair else target
     params_paths, _, _ = paths_and_leaves("load_params", params_target)
-    params, state, origin = torch_layout.convert(
-        "load_params", path, tensors, mapping, params_paths
-    )
+    params, state, origin = convert("load_params", path, tensors, mapping, params_paths)
     if state and not pair:
         raise ValueError(
             f"load_params: the PyTorch weights in {path} hold running statistics "

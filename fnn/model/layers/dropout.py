@@ -29,7 +29,9 @@ def Dropout(rate: float, *, broadcast_dims: tuple[int, ...] = ()) -> Layer:
 
     The layer drops only while training: when apply gets a ``key`` and no
     ``train=False``. Without a key (inference) it is the identity; ``train=True``
-    without a key is an error.
+    without a key is an error, and so is no key and no ``train=`` inside the
+    loss function of a training step (:func:`fnn.make_train_step`), where it
+    means the loss forgot ``key=key``.
 
     Args:
       rate: the drop probability, in ``[0, 1)``. ``0`` is the identity.
@@ -42,7 +44,8 @@ def Dropout(rate: float, *, broadcast_dims: tuple[int, ...] = ()) -> Layer:
 
     Raises:
       ValueError: for ``rate`` outside ``[0, 1)`` or bad ``broadcast_dims``.
-      ShapeError: at apply, for ``train=True`` without a key, a ``key`` that
+      ShapeError: at apply, for ``train=True`` without a key, no key and no
+        ``train=`` inside a training step's loss function, a ``key`` that
         is not a ``jax.random.key`` (or a raw ``jax.random.PRNGKey``), or
         ``broadcast_dims`` out of range for the input.
 
@@ -82,7 +85,7 @@ def Dropout(rate: float, *, broadcast_dims: tuple[int, ...] = ()) -> Layer:
     def apply_fn(
         params: Any, x: Any, *, key: jax.Array | None = None, train=None, **kwargs
     ):
-        if not is_training(key, train) or rate == 0.0:
+        if not is_training(key, train, desc) or rate == 0.0:
             return x
         if key is None:
             fail(desc, "train=True needs a key to draw the dropped units; pass key=.")

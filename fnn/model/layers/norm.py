@@ -280,7 +280,9 @@ def BatchNorm(
 
     **Train or evaluate.** Apply trains when it gets a ``key`` (so the one key
     that turns on dropout also turns on batch statistics), or when
-    ``train=True`` is passed; ``train=False`` evaluates even with a key. While
+    ``train=True`` is passed; ``train=False`` evaluates even with a key. Inside
+    the loss function of a training step (:func:`fnn.make_train_step`), no key
+    and no ``train=`` is an error (the loss forgot ``key=key``). While
     training it normalises with the batch's statistics and updates the state:
     ``running = momentum * running + (1 - momentum) * batch`` (Flax's and
     Haiku's convention; PyTorch's ``momentum`` is ``1 -`` this one), with the
@@ -313,8 +315,9 @@ def BatchNorm(
     Raises:
       ValueError: for a bad option.
       ShapeError: if ``axis`` does not fit the input, at apply outside
-        :func:`fnn.with_state`, for a complex input, or for a mask that does
-        not fit.
+        :func:`fnn.with_state`, for a complex input, for a mask that does
+        not fit, or for no key and no ``train=`` inside a training step's
+        loss function.
 
     Examples:
       >>> import jax, jax.numpy as jnp, fnn
@@ -355,7 +358,7 @@ def BatchNorm(
         state = read_state(desc)
         _check_features(desc, x, ax, state["mean"].shape, "running statistics")
         xc = at_least_float32(x)
-        if is_training(key, train):
+        if is_training(key, train, desc):
             red = tuple(i for i in range(x.ndim) if i not in ax)
             if mask is not None:
                 detail = mask_error(x.shape, tuple(jnp.shape(mask)))
