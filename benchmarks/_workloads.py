@@ -259,7 +259,7 @@ def fnn_loss(model: fnn.Layer) -> Callable:
 
 
 def train_step_variant(
-    wl: Workload, ws, x, y, k: int = 1, grad_norm: bool = True
+    wl: Workload, ws, x, y, k: int = 1, grad_norm: bool = False
 ) -> Variant:
     """``fnn.make_train_step``; with ``k > 1`` the batch is repeated ``k`` times
     along a new leading axis, each call takes ``k`` steps and ``run(n)`` makes
@@ -282,7 +282,7 @@ def train_step_variant(
         return float(metrics["loss"].reshape(-1)[0])
 
     opts = ([f"steps_per_call={k}"] if k > 1 else []) + (
-        [] if grad_norm else ["grad_norm=False"]
+        ["grad_norm=True"] if grad_norm else []
     )
     name = "fnn.make_train_step" + (f" ({', '.join(opts)})" if opts else "")
     return Variant(name, run, lambda: step.lower(box[0], data))

@@ -170,7 +170,7 @@ def bench_workload(wl, args, probe) -> None:
         hand_variant(wl, ws, x, y),
         fnn_variant(wl, ws, x, y),
         train_step_variant(wl, ws, x, y),
-        train_step_variant(wl, ws, x, y, grad_norm=False),
+        train_step_variant(wl, ws, x, y, grad_norm=True),
     ]
     if not args.no_peers:
         variants += [v for p in PEERS if (v := p(wl, ws, x, y)) is not None]

@@ -210,11 +210,11 @@ def test_one_device_step_matches_make_train_step():
     np.testing.assert_allclose(got.params["w"], want, rtol=1e-6, atol=0)
     assert got.params["w"].sharding.is_fully_replicated
     assert not params["w"].is_deleted()  # init copied; donation is safe
-    # grad_norm=False drops that metric only.
-    step3 = fnn.make_train_step(loss_fn, opt, accum_steps=2, mesh=mesh, grad_norm=False)
+    # grad_norm=True adds that metric only.
+    step3 = fnn.make_train_step(loss_fn, opt, accum_steps=2, mesh=mesh, grad_norm=True)
     got3, metrics = step3(step3.init(params, key=jax.random.key(0)), batch)
     np.testing.assert_allclose(got3.params["w"], want, rtol=1e-6, atol=0)
-    assert "grad_norm" not in metrics and {"loss", "weight"} <= set(metrics)
+    assert set(metrics) == {"grad_norm", "loss", "weight"}
 
 
 # --- params placed by rules (FSDP, tensor parallel), 8 CPU devices ---

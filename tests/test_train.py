@@ -82,7 +82,7 @@ def test_step_matches_optax_on_numpy_gradient(opt):
         ts = init_state(
             jax.tree.map(jnp.copy, params), opt, key=jax.random.key(0)
         )  # the step donates the train state's buffers
-        step = fnn.make_train_step(linear_loss, opt, accum_steps=3)
+        step = fnn.make_train_step(linear_loss, opt, accum_steps=3, grad_norm=True)
         ref_params, ref_opt_state = params, opt.init(params)
         for seed in range(3):
             batch = make_batch(seed)

@@ -81,8 +81,12 @@ def main():
     }
     opt = optax.adam(0.05)
     out["mlp"] = run_pair(
-        lambda: fnn.make_train_step(mlp_loss, opt, accum_steps=ACCUM, donate=False),
-        lambda: fnn.make_train_step(mlp_loss, opt, accum_steps=ACCUM, mesh=mesh),
+        lambda: fnn.make_train_step(
+            mlp_loss, opt, accum_steps=ACCUM, donate=False, grad_norm=True
+        ),
+        lambda: fnn.make_train_step(
+            mlp_loss, opt, accum_steps=ACCUM, mesh=mesh, grad_norm=True
+        ),
         params,
         None,
         batch,
