@@ -32,9 +32,12 @@ baseline, character frequencies without context, is printed first).
 Measured on two CPU cores shared with other work (load average 8 to 11;
 ``python examples/scale_lm.py``, 2026-11-30): 826,208 params; params and Adam
 state 1,407,560 bytes per device against 9,914,504 replicated (0.142); the
-compiled step's temporaries 9,181,488 bytes per device with remat and
-26,657,312 without (``--no-remat``); unigram baseline 3.2772, validation loss
-1.8990 (perplexity 6.68) after 600 steps, 5 minutes of wall and CPU time.
+compiled step's temporaries 8,139,056 bytes per device with remat and
+27,055,768 without (``--no-remat``); unigram baseline 3.2772, validation loss
+1.9000 (perplexity 6.69) after 600 steps, 348 s of training. With
+``--float32``: temporaries 9,181,488 (26,657,312 without remat), validation
+loss 1.8990. (On the CPU bfloat16 saves little here; the example shows the
+three tools working together, and their speed is an accelerator's.)
 
 Usage::
 
