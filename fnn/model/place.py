@@ -57,7 +57,7 @@ state_frame: contextvars.ContextVar[Any] = contextvars.ContextVar(
 )
 # True while a training step (fnn.make_train_step) traces the user's loss
 # function: a layer whose mode follows the key then refuses key=None unless
-# train= names the mode (fnn.model.core.is_training).
+# train= names the mode (fnn.model.mode.is_training).
 _TRAIN_STEP: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "fnn_train_step", default=False
 )

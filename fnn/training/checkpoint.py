@@ -26,11 +26,9 @@ Nothing is pickled: arrays go to Orbax's tensorstore format, metadata to JSON.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
@@ -38,6 +36,7 @@ import orbax.checkpoint as ocp
 
 from fnn.training import checkpoint_files as files
 from fnn.training.checkpoint_files import CorruptCheckpointError
+from fnn.training.interrupts import interrupts_not_logged_as_failures
 from fnn.training.loading import (
     Rule,
     describe,
@@ -49,31 +48,6 @@ from fnn.training.loading import (
 )
 
 __all__ = ["Checkpointer", "CorruptCheckpointError"]
-
-
-class _NotAFailedSave(logging.Filter):
-    """Drops the records that log a ``KeyboardInterrupt`` as an error.
-
-    Orbax's ``wait_until_finished`` logs any exception raised while it waits
-    for its finalize thread as ``Save Finalize thread (...) failed`` with a
-    traceback. Ctrl-C lands there in the main thread, while the finalize
-    thread goes on and completes the save: the report is false.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        kind = record.exc_info[0] if record.exc_info else None
-        return not (kind is not None and issubclass(kind, KeyboardInterrupt))
-
-
-@contextlib.contextmanager
-def _interrupts_not_logged_as_failures() -> Iterator[None]:
-    """Orbax logs through absl, whose records go to the ``absl`` logger."""
-    logger, quiet = logging.getLogger("absl"), _NotAFailedSave()
-    logger.addFilter(quiet)
-    try:
-        yield
-    finally:
-        logger.removeFilter(quiet)
 
 
 class Checkpointer:
@@ -426,7 +400,7 @@ class Checkpointer:
         absent, never listed half written.
         """
         try:
-            with _interrupts_not_logged_as_failures():
+            with interrupts_not_logged_as_failures():
                 self._manager.wait_until_finished()
         except KeyboardInterrupt:
             if self._in_flight:  # its finalize thread clears the flag at its end

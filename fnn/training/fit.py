@@ -4,7 +4,8 @@
   points (history entries, evaluations, checkpoints); calls never cross one.
 * :func:`_calls`, the data: ``fnn.data.stream`` batches from the position the
   run has reached, stacked ``K`` at a time for a ``steps_per_call=K`` step.
-* :class:`_Reporter`: the progress bar, the history and its file.
+* :class:`fnn.training.report.Reporter`: the progress bar, the history and
+  its file.
 * :class:`_Saver`: checkpoints and the exact resume.
 * callbacks (:mod:`fnn.callbacks`): after steps, evaluations and checkpoints.
 
@@ -20,15 +21,11 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from typing import Any
 
 import jax
-import numpy as np
-import optax
-from tqdm.auto import tqdm
 
 from fnn.model.options import boolean, choice, positive_int
 from fnn.training.accumulate import leading_size
@@ -37,8 +34,9 @@ from fnn.training.data import batches as data_batches
 from fnn.training.data import num_batches, stack
 from fnn.training.data import stream as data_stream
 from fnn.training.evaluate import evaluate
-from fnn.training.history import HistoryFile, MetricLog, NonFiniteLossError
+from fnn.training.history import HistoryFile, NonFiniteLossError
 from fnn.training.loss_scale import all_finite
+from fnn.training.report import Reporter, current_lr, eval_columns, learning_rate
 from fnn.training.resume import Saver
 
 
@@ -80,70 +78,6 @@ def _calls(plan: _Plan, stream: Iterator, done: int, put: Callable) -> Iterator:
             yield ahead.pop(0)
         done += k
     yield from ahead
-
-
-def _learning_rate(opt_state: Any) -> Any:
-    """The learning rate an ``optax.inject_hyperparams`` state holds, or None."""
-    found = optax.tree_utils.tree_get_all_with_path(opt_state, "learning_rate")
-    values = [v for _, v in found if hasattr(v, "dtype") and np.ndim(v) == 0]
-    return values[0] if len(values) == 1 else None
-
-
-class _Reporter:
-    """The progress bar, the metric log, the history and its file."""
-
-    def __init__(self, total, done, batch_size, progress, history_file):
-        main = jax.process_index() == 0  # one bar and one file per job
-        self.bar = tqdm(
-            total=total,
-            initial=done,
-            unit="step",
-            disable=not progress or not main,
-            dynamic_ncols=True,
-        )
-        self.file = history_file if main else None
-        self.log = MetricLog()
-        self.batch_size = batch_size
-        self.shown: dict[str, str] = {}
-        self.clock = (time.perf_counter(), done)
-
-    def entry(self, run: Run, done: int, per_epoch: int, lr: Any) -> dict:
-        """The next history entry: the step, the epoch and the mean metrics."""
-        entry = {"step": run.step, "epoch": round(done / per_epoch, 6)}
-        entry.update(self.log.means())
-        if lr is not None:
-            entry["lr"] = float(lr)
-        return entry
-
-    def record(self, run: Run, entry: dict) -> None:
-        run.history.append(entry)
-        if self.file is not None:
-            self.file.append(entry)
-        self.shown.update({k: f"{v:.4f}" for k, v in entry.items() if "eval_" in k})
-        if "loss" in entry:
-            self.shown["loss"] = f"{entry['loss']:.4f}"
-
-    def refresh(self, done: int) -> None:
-        """The bar's loss and speed (training time since the last refresh)."""
-        if self.log.host and "loss" not in self.shown:
-            self.shown["loss"] = f"{self.log.means().get('loss', math.nan):.4f}"
-        seconds = time.perf_counter() - self.clock[0]
-        if seconds > 0 and done > self.clock[1]:
-            rate = (done - self.clock[1]) * self.batch_size / seconds
-            self.shown["ex/s"] = f"{rate:,.0f}"
-        order = sorted(self.shown, key=lambda k: (k != "loss", k == "ex/s", k))
-        self.bar.set_postfix({k: self.shown[k] for k in order}, refresh=False)
-
-    def restart_clock(self, done: int) -> None:
-        self.clock = (time.perf_counter(), done)
-
-
-def _eval_columns(eval_step: Any, train_state: Any, eval_batch: Any) -> list[str]:
-    """The history keys of the evaluation metrics (for a CSV header)."""
-    if eval_step is None:
-        return []
-    sums = jax.eval_shape(eval_step, train_state, eval_batch)
-    return [f"eval_{k}" for k in sums if not k.startswith("_") and k != "weight"]
 
 
 def fit(
@@ -342,7 +276,7 @@ def _loop(train_step, ts, train_data, plan, saver, callbacks, **o) -> tuple:
     eval_sample = None
     if o["eval_step"] is not None:
         eval_sample = next(_eval_batches(o["eval_data"], o["eval_batch_size"]))
-    lr = _learning_rate(ts.opt_state) if hasattr(ts, "opt_state") else None
+    lr = learning_rate(ts.opt_state) if hasattr(ts, "opt_state") else None
     pending: list = []
     if saver is not None:
         ts, done, run.history, pending = saver.resume(
@@ -353,9 +287,9 @@ def _loop(train_step, ts, train_data, plan, saver, callbacks, **o) -> tuple:
         history_file = HistoryFile(
             o["history_path"],
             keep=len(run.history),
-            extra_columns=_eval_columns(o["eval_step"], ts, eval_sample),
+            extra_columns=eval_columns(o["eval_step"], ts, eval_sample),
         )
-    reporter = _Reporter(plan.total, done, o["batch_size"], o["progress"], history_file)
+    reporter = Reporter(plan.total, done, o["batch_size"], o["progress"], history_file)
     reporter.log.restore(pending)
     run.step = int(ts.step) if hasattr(ts, "step") else done
     base = run.step - done  # the state's step when done == 0
@@ -397,7 +331,7 @@ def _loop(train_step, ts, train_data, plan, saver, callbacks, **o) -> tuple:
                 _point_to_batch(err, train_data, err.step - base - 1, o)
                 raise
             if on_grid or final:
-                entry = reporter.entry(run, done, plan.per_epoch, _lr(ts, lr))
+                entry = reporter.entry(run, done, plan.per_epoch, current_lr(ts, lr))
                 if eval_due:
                     results = evaluate(
                         o["eval_step"], ts,
@@ -451,10 +385,6 @@ def _point_to_batch(err: NonFiniteLossError, train_data, position: int, o) -> No
         f"whose output or gradient became NaN or Inf, given the params before "
         f"that step (run fit again with steps={position} to get them)."
     )
-
-
-def _lr(ts: Any, template: Any) -> Any:
-    return None if template is None else _learning_rate(ts.opt_state)
 
 
 _all_finite = jax.jit(all_finite)

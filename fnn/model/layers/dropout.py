@@ -11,10 +11,10 @@ from fnn.model.core import (
     Layer,
     check_key,
     fail,
-    is_training,
     library_layer,
     signature,
 )
+from fnn.model.mode import is_training
 from fnn.model.options import as_int, number
 
 

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.nn import initializers
 
-from fnn.model.core import Layer, fail, is_training, library_layer, signature
+from fnn.model.core import Layer, fail, library_layer, signature
 from fnn.model.layers.pool import broadcast_mask, mask_error
+from fnn.model.mode import is_training
 from fnn.model.options import boolean, number
 from fnn.model.precision import (
     at_least_float32,
