@@ -57,7 +57,7 @@ from _workloads import (
 from steps import calibrate, compiled_stats, fmt, interleave, machine
 
 import fnn
-from fnn.training.accumulate import safe_divide
+from fnn.training.accumulate import accumulate_gradients, safe_divide
 
 FULL = {"grad_norm": True, "stacked": False, "key": "typed", "donate": True}
 DROPS = {
@@ -85,7 +85,7 @@ def fnn_like(loss_fn, tx, params, k, *, grad_norm, stacked, key, donate):
             p, o, t, kk = carry
             base = kk if key == "typed" else jax.random.wrap_key_data(kk)
             step_key = jax.random.fold_in(base, t)
-        sums = fnn.accumulate_gradients(loss_fn, p, {}, data, step_key)
+        sums = accumulate_gradients(loss_fn, p, {}, data, step_key)
         w = sums.weight
         grads = jax.tree.map(lambda g: safe_divide(g, w), sums.grad_sum)
         updates, o = tx.update(grads, o, p)
@@ -168,7 +168,7 @@ def variants(k: int) -> list[Variant]:
     for grad_norm in (True, False):
         step = fnn.make_train_step(loss_fn, tx, steps_per_call=k, grad_norm=grad_norm)
         ts = step.init(fresh(), key=jax.random.key(0))
-        name = "fnn.make_train_step" + ("" if grad_norm else "(grad_norm=False)")
+        name = "fnn.make_train_step" + ("(grad_norm=True)" if grad_norm else "")
         out.append(state_variant(name, step, ts, data, k))
     for name, drop in DROPS.items():
         step, state = fnn_like(loss_fn, tx, fresh(), k, **{**FULL, **drop})

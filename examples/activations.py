@@ -83,8 +83,7 @@ def exported_activations() -> set[str]:
         for name in fnn.__all__
         if name.islower()
         and inspect.isfunction(getattr(fnn, name))
-        and getattr(fnn, name).__module__ == "fnn.activations"
-        and name != "elementwise"  # builds a layer from any function
+        and getattr(fnn, name).__module__ == "fnn.model.activations"
     }
 
 

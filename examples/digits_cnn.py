@@ -91,7 +91,7 @@ def random_shift(key: jax.Array, x: jax.Array) -> jax.Array:
     return jax.vmap(crop)(padded, offsets)
 
 
-def make_loss(model: fnn.StatefulModel):
+def make_loss(model: fnn.model.StatefulModel):
     """The loss protocol with state: ``((loss_sum, weight, aux), new_state)``.
 
     With a key (training) the images are shifted at random and the key goes on

@@ -213,6 +213,19 @@ def test_char_lm_tied_variant():
     assert jax.eval_shape(model.apply, params, ids).shape == (4, 96)
 
 
+def test_activations_example_sees_the_exported_functions():
+    """activations.py refuses to run when it misses an activation function that
+    fnn exports; the set it compares with must find fnn's own (gelu, swish)."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import activations
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    exported = activations.exported_activations()
+    assert exported == {"gelu", "swish"}
+    assert exported <= set(activations.ACTIVATIONS)
+
+
 def test_guide_code_blocks_run():
     """The Python blocks of docs/guide.md run, in order, in one namespace."""
     text = (ROOT / "docs" / "guide.md").read_text()

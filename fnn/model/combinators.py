@@ -49,14 +49,28 @@ def named(name: str, layer: Layer) -> Layer:
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"named: expected a non-empty string name, got {name!r}.")
-    init, apply = layer
+    return rewrapped(layer, describe(layer), layer[1], key=name)
 
-    def init_fn(key, input_shape):
-        return init(key, input_shape)
 
-    init_fn.fnn_key = name  # type: ignore[attr-defined]
+def rewrapped(
+    layer: Layer, desc: str, apply_fn: Any, *, key: str | None = None
+) -> Layer:
+    """``layer``'s init with another description and apply (``remat``,
+    ``precision``, ``named``).
+
+    The params key that :func:`named` gave ``layer`` stays, unless ``key``
+    gives another; a library layer stays one.
+    """
+    init = layer[0]
+
+    def init_fn(rng, input_shape):
+        return init(rng, input_shape)
+
+    key = key or getattr(init, "fnn_key", None)
+    if key:
+        init_fn.fnn_key = key  # type: ignore[attr-defined]
     make = library_layer if is_library(layer) else make_layer
-    return make(layer_name(layer), describe(layer), init_fn, apply)
+    return make(layer_name(layer), desc, init_fn, apply_fn)
 
 
 def _child_keys(combinator: str, layers: tuple[Layer, ...]) -> list[str]:

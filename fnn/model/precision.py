@@ -22,8 +22,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fnn.model.combinators import as_layers
-from fnn.model.core import Layer, describe, layer_name, make_layer
+from fnn.model.combinators import as_layers, rewrapped
+from fnn.model.core import Layer, describe
 from fnn.model.options import floating_dtype
 
 
@@ -159,13 +159,7 @@ def precision(layer: Layer, *, compute: Any, output: Any = None) -> Layer:
     compute = floating_dtype("precision", "compute", compute)
     output = floating_dtype("precision", "output", output, optional=True)
     (layer,) = as_layers("precision", (layer,))
-    init, apply = layer
-
-    def init_fn(key, input_shape):
-        return init(key, input_shape)
-
-    if getattr(init, "fnn_key", None):  # a name given with fnn.named stays
-        init_fn.fnn_key = init.fnn_key  # type: ignore[attr-defined]
+    apply = layer[1]
 
     def apply_fn(params, x, **kwargs):
         y = apply(cast_floating(params, compute), cast_floating(x, compute), **kwargs)
@@ -173,4 +167,4 @@ def precision(layer: Layer, *, compute: Any, output: Any = None) -> Layer:
 
     shown = f", output={output.name}" if output is not None else ""
     desc = f"precision({describe(layer)}, compute={compute.name}{shown})"
-    return make_layer(layer_name(layer), desc, init_fn, apply_fn)
+    return rewrapped(layer, desc, apply_fn)

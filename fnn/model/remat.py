@@ -15,8 +15,8 @@ from typing import Any
 
 import jax
 
-from fnn.model.combinators import as_layers
-from fnn.model.core import Layer, describe, layer_name, make_layer
+from fnn.model.combinators import as_layers, rewrapped
+from fnn.model.core import Layer, describe
 from fnn.model.state import peek_state, run_apply, write_state
 
 
@@ -90,17 +90,11 @@ def remat(layer: Layer, *, policy: Callable[..., bool] | None = None) -> Layer:
       True
     """
     (layer,) = as_layers("remat", (layer,))
-    init, apply = layer
     if policy is not None and not callable(policy):
         raise ValueError(
             f"remat: expected policy to be one of jax.checkpoint_policies or None, "
             f"got {policy!r}."
         )
 
-    def init_fn(key, input_shape):
-        return init(key, input_shape)
-
-    if getattr(init, "fnn_key", None):  # a name given with fnn.named stays
-        init_fn.fnn_key = init.fnn_key  # type: ignore[attr-defined]
     desc = f"remat({describe(layer)})"
-    return make_layer(layer_name(layer), desc, init_fn, checkpointed(apply, policy))
+    return rewrapped(layer, desc, checkpointed(layer[1], policy))

@@ -34,7 +34,7 @@ def summary(
     running state.
 
     Args:
-      model: the network, or a :class:`fnn.StatefulModel`.
+      model: the network, or a :class:`fnn.model.StatefulModel`.
       input_shape: its input shape (the batch may be ``-1``).
       key: the key passed to init; ``jax.random.key(0)`` by default.
 

@@ -20,6 +20,7 @@ from fnn.training.accumulate import (
     check_aux_names,
     unpack_loss_output,
 )
+from fnn.training.loss_scale import all_finite
 from fnn.training.train_state import TrainState
 
 Metrics = dict[str, jax.Array]
@@ -79,7 +80,7 @@ def make_eval_step(
             k: jnp.asarray(v, accumulator_dtype(jnp.asarray(v).dtype))
             for k, v in sums.items()
         }
-        finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in sums.values()]))
+        finite = all_finite(sums)
         sums["_nonfinite_batches"] = (~finite).astype(jnp.int32)
         sums["_padding_counted"] = _padding_counted(batch, weight)
         return sums

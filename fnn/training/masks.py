@@ -14,13 +14,14 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from fnn.model.precision import at_least_float32
+
 
 def float32(x: ArrayLike) -> jax.Array:
-    """``x`` upcast to float32 when it is a narrower float (bfloat16, float16)."""
+    """``x`` upcast to float32 when it is a narrower float (bfloat16, float16);
+    integer and boolean arrays pass as they are."""
     x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        return x
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return at_least_float32(x) if jnp.issubdtype(x.dtype, jnp.floating) else x
 
 
 # --- masks ------------------------------------------------------------------------

@@ -289,8 +289,8 @@ def make_train_step(
         (``docs/scale.md``).
       grad_norm: include the ``grad_norm`` metric, the norm of the averaged
         gradient. Off by default: it reads every gradient once more per step,
-        which cost 5-17% of a step on the small CPU workloads of
-        ``benchmarks/steps.py`` and about 1% on the compute-bound one.
+        which cost 3-17% of a step on the small CPU workloads of
+        ``benchmarks/steps.py`` and 1-2% on the compute-bound one.
       loss_scale: ``"dynamic"`` (or a :class:`fnn.training.DynamicLossScale`
         with other settings) for dynamic loss scaling, the way to train a
         float16 network: the loss is multiplied by the scale before

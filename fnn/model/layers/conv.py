@@ -18,7 +18,7 @@ from jax.nn import initializers
 
 from fnn.model.core import Layer, fail, library_layer, signature
 from fnn.model.options import boolean, positive_int
-from fnn.model.precision import init_param, layer_dtypes, to_compute
+from fnn.model.precision import init_param, layer_dtypes, shown_dtype, to_compute
 from fnn.model.shapes import (
     check_real,
     check_shape,
@@ -56,13 +56,13 @@ def _window_options(
     return ks, strides_t, dilation_t, window_padding(owner, padding, n)
 
 
-def _describe(kind: str, features: int, ks: tuple[int, ...], **options: Any) -> str:
+def _describe(
+    kind: str, features: int, ks: tuple[int, ...], dtype: Any, **options: Any
+) -> str:
     defaults = {"strides": 1, "padding": "SAME", "dilation": 1}
-    defaults |= {"feature_group_count": 1, "use_bias": True, "dtype": None}
+    defaults |= {"feature_group_count": 1, "use_bias": True}
     shown = {k: v for k, v in options.items() if v != defaults[k]}
-    if "dtype" in shown:
-        shown["dtype"] = shown["dtype"].name
-    return signature(kind, features, ks, **shown)
+    return signature(kind, features, ks, **shown, **shown_dtype(dtype))
 
 
 def check_spatial_rank(

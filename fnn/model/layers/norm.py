@@ -25,11 +25,11 @@ from fnn.model.mode import is_training
 from fnn.model.options import boolean, number
 from fnn.model.precision import (
     at_least_float32,
+    cast_floating,
     init_param,
     layer_dtypes,
     result_dtype,
     shown_dtype,
-    to_compute,
 )
 from fnn.model.shapes import axes_arg, check_real, check_shape, non_batch_axes
 from fnn.model.state import declare_state, read_state, write_state
@@ -79,7 +79,7 @@ def _affine(y, params, x, axes, dtype):
     """``y * scale + bias`` in ``y``'s (float32 or wider) dtype, then cast to
     the compute dtype (``dtype``, or input and params promoted together)."""
     out_dtype = result_dtype(dtype, x, params)
-    _, params = to_compute(dtype, None, params)
+    params = cast_floating(params, dtype)
     if "scale" in params:
         y = y * _broadcastable(params["scale"], x.ndim, axes)
     if "bias" in params:
