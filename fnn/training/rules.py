@@ -78,22 +78,20 @@ def check_rules(owner: str, rules: Any, mesh: Mesh | None) -> dict[str, P]:
             if not all(isinstance(a, str) for a in _axes(entry)):
                 raise TypeError(
                     f"{owner}: rule {pattern!r}: {spec_text(spec)} has the entry "
-                    f"{entry!r}; "
-                    f"an entry is None, a mesh axis name or a tuple of them."
+                    f"{entry!r}; an entry is None, a mesh axis name or a tuple "
+                    f"of them."
                 )
             axes += _axes(entry)
         for axis in axes:
             if axis not in mesh.axis_names:
                 raise ValueError(
                     f"{owner}: rule {pattern!r}: {spec_text(spec)} names the axis "
-                    f"{axis!r}, "
-                    f"but the mesh has the axes {mesh.axis_names!r}."
+                    f"{axis!r}, but the mesh has the axes {mesh.axis_names!r}."
                 )
         if len(set(axes)) < len(axes):
             raise ValueError(
                 f"{owner}: rule {pattern!r}: {spec_text(spec)} uses a mesh axis "
-                f"twice; an "
-                f"array is split over each axis at most once."
+                f"twice; an array is split over each axis at most once."
             )
     return dict(rules)
 
@@ -128,8 +126,7 @@ def _spec_for(owner: str, name: str, shape: tuple, rules: dict, mesh: Mesh) -> P
             raise ValueError(
                 f"{owner}: rule {pattern!r} gives params path {name!r} the spec "
                 f"{spec_text(spec)} with {len(spec)} entries, but its shape "
-                f"{shape!r} has "
-                f"rank {len(shape)}; drop the extra entries."
+                f"{shape!r} has rank {len(shape)}; drop the extra entries."
             )
     if len({_normal(rules[p], len(shape)) for p in hits}) > 1:
         listing = ", ".join(f"{p!r}: {spec_text(rules[p])}" for p in hits)
@@ -148,8 +145,7 @@ def _spec_for(owner: str, name: str, shape: tuple, rules: dict, mesh: Mesh) -> P
                 f"{owner}: params path {name!r} of shape {shape!r} has dimension "
                 f"{dim} of size {shape[dim]}, which does not divide over mesh "
                 f"{where} of size {size} (rule {pattern!r}: {spec_text(spec)}); "
-                f"change the "
-                f"rule or make that dimension a multiple of {size}."
+                f"change the rule or make that dimension a multiple of {size}."
             )
     return spec
 
